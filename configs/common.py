@@ -30,7 +30,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         key = key.strip()
         if key not in defaults:
             near = difflib.get_close_matches(key, defaults, n=3)
-            hint = f"; did you mean {', '.join(near)}?" if near else f"; valid: {', '.join(defaults)}"
+            hint = (
+                f"; did you mean {', '.join(near)}?" if near else f"; valid: {', '.join(defaults)}"
+            )
             raise ValueError(f"unknown config arg {key!r}{hint}")
         default = defaults[key]
         if not sep:
@@ -115,8 +117,11 @@ def _check_overrides(argv: list[str], flag_name: str, default_spec: str) -> None
             parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
             siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent) :]]
             near = difflib.get_close_matches(key, siblings or sorted(keys), n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join('--config.' + n for n in near)}?" if near else (
-                f"valid keys here: {', '.join(sorted(siblings)[:12])}")
+            hint = (
+                f"did you mean {', '.join('--config.' + n for n in near)}?"
+                if near
+                else (f"valid keys here: {', '.join(sorted(siblings)[:12])}")
+            )
             raise KeyError(f"unknown override --{flag_name}.{key}; {hint}")
 
 
