@@ -241,7 +241,9 @@ class Checkpointer:
         if step is None:
             return steps[-1]
         if step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; have {steps}"
+            )
         return step
 
     def close(self) -> None:

@@ -127,10 +127,15 @@ def test_refuses_other_config_and_restores_onto_mesh(tmp_path):
         state,
     )
     target = target.replace(
-        params={"params": {**target.params["params"], "layers_0": {
-            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharded[k])
-            for k, v in target.params["params"]["layers_0"].items()
-        }}}
+        params={
+            "params": {
+                **target.params["params"],
+                "layers_0": {
+                    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharded[k])
+                    for k, v in target.params["params"]["layers_0"].items()
+                },
+            }
+        }
     )
     restored, _ = ckpt.restore(target)
     kernel = restored.params["params"]["layers_0"]["kernel"]
