@@ -33,13 +33,14 @@ def _stream(rank: int, pipe, lock: threading.Lock) -> None:
             sys.stdout.flush()
 
 
-def launch(
-    entry: list[str], processes: int, devices_per_process: int, grace_s: float = 10.0
-) -> int:
+def launch(entry: list[str], processes: int, devices_per_process: int, grace_s: float = 5.0) -> int:
     """Runs `python -m experiments.<entry[0]> entry[1:]` in several processes; returns exit code."""
     if processes < 1 or devices_per_process < 1:
         raise ValueError("--processes and --devices-per-process must be >= 1")
-    module = entry[0] if "." in entry[0] else f"experiments.{entry[0]}"
+    if entry[0].endswith(".py"):  # a script path
+        target = [entry[0]]
+    else:  # a module: "train" means experiments.train
+        target = ["-m", entry[0] if "." in entry[0] else f"experiments.{entry[0]}"]
     port, lock, procs, threads = free_port(), threading.Lock(), [], []
     for rank in range(processes):
         env = dict(os.environ)
@@ -58,7 +59,7 @@ def launch(
             }
         )
         p = subprocess.Popen(
-            [sys.executable, "-u", "-m", module, *entry[1:]],
+            [sys.executable, "-u", *target, *entry[1:]],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -91,9 +92,9 @@ def launch(
         t.join(timeout=5)
     if failed is not None:
         code = procs[failed].returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         print(
-            f"ringrl-launch: rank {failed} of {processes} failed with exit code {code}; "
-            "stopped the others",
+            f"ringrl-launch: rank {failed} of {processes} failed ({how}); stopped the others",
             file=sys.stderr,
         )
         return code if code and code > 0 else 1
