@@ -228,3 +228,50 @@ def test_discrete_actions_outside_darkroom():
     )
     with pytest.raises(ValueError, match="row 2 = 5 outside ringrl/DarkRoom-v0"):
         check_spaces(tr, "ringrl/DarkRoom-v0")
+
+
+def test_d4rl_reference_scores():
+    from envs.scores import normalized_score, reference_scores
+
+    assert reference_scores("halfcheetah-medium-replay-v2") == (-280.178953, 12135.0)
+    assert reference_scores("hopper-expert-v0") == (-20.272305, 3234.3)
+    assert reference_scores("walker2d-random-v2") == (1.629008, 4592.3)
+    assert reference_scores("Hopper-v5") == (-20.272305, 3234.3)
+    assert reference_scores("maze2d-umaze-dense-v1") == (68.537689, 193.66285642381482)
+    assert reference_scores("antmaze-large-diverse-v2") == (0.0, 1.0)
+    assert normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100.0)
+    assert normalized_score("hopper-medium-v2", -20.272305) == pytest.approx(0.0)
+    r = np.array([1000.0, 2000.0])
+    np.testing.assert_allclose(
+        normalized_score("walker2d-medium-v2", r), 100 * (r - 1.629008) / (4592.3 - 1.629008)
+    )
+    with pytest.raises(ValueError, match="no reference scores for 'CartPole-v1'.*hopper"):
+        normalized_score("CartPole-v1", 1.0)
+    with pytest.raises(ValueError, match="no reference scores"):
+        reference_scores("maze2d-eval-umaze-v1")  # not in d4rl's reference table either
+
+
+def test_dataset_reference_scores(tmp_path):
+    from envs.scores import normalized_score, reference_scores
+
+    tr = Trajectories(
+        observations=np.zeros((4, 2)),
+        actions=np.zeros((4, 1)),
+        rewards=np.ones(4),
+        terminals=np.zeros(4, bool),
+        timeouts=np.eye(4, dtype=bool)[3],
+        episode_starts=np.array([0, 4]),
+        metadata={"ref_min_score": 10.0, "ref_max_score": 30.0, "env_id": "Hopper-v5"},
+    )
+    assert reference_scores(tr) == (10.0, 30.0)  # the data's own references win
+    assert normalized_score(tr, 25.0) == pytest.approx(75.0)
+    path = tr.save(tmp_path / "gen.hdf5")
+    assert normalized_score(path, 20.0) == pytest.approx(50.0)
+    tr.metadata = {"env_id": "Hopper-v5"}
+    assert reference_scores(tr) == (-20.272305, 3234.3)
+    tr.metadata = {}
+    with pytest.raises(ValueError, match="ref_min_score and ref_max_score"):
+        reference_scores(tr)
+    tr.metadata = {"ref_min_score": 5, "ref_max_score": 5}
+    with pytest.raises(ValueError, match="must exceed"):
+        normalized_score(tr, 1.0)
