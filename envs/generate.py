@@ -1,0 +1,312 @@
+"""Dataset generators (host-side numpy; no jax here).
+
+- `learning_histories`: whole learning runs of a tabular Q-learner on the in-context tasks of
+  `envs.darkroom`, vectorised over tasks, as Algorithm Distillation consumes them (episodes in the
+  order the learner played them, each tagged with its task).
+- D4RL-style datasets: `rollout_dataset` rolls a numpy policy out in a Gymnasium env with D4RL
+  flags (terminal on a true termination, timeout on the time-limit step, never both) and
+  `buffer_dataset` turns an online learner's replay buffer into a `medium-replay` set. The SAC
+  training that supplies the policies lives in `agents/sac.py`.
+
+Dimension letters: N steps, E episodes, S observation dim, A action dim.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from envs import darkroom
+from envs.trajectories import Trajectories
+
+Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # obs [B, S] -> actions [B, A]
+
+
+# ------------------------------------------------------------------ learning histories
+
+
+def _greedy(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """argmax over the last axis of q [N, K], ties broken uniformly at random."""
+    best = q == q.max(axis=-1, keepdims=True)
+    return np.argmax(best * rng.random(q.shape), axis=-1)
+
+
+def learning_histories(
+    env_name: str,
+    tasks: Sequence[int] | np.ndarray,
+    episodes_per_task: int,
+    seed: int = 0,
+    *,
+    lr: float = 0.5,
+    gamma: float = 0.9,
+    eps_start: float = 1.0,
+    eps_end: float = 0.0,
+    decay_fraction: float = 0.6,
+) -> Trajectories:
+    """Learning histories of epsilon-greedy tabular Q-learning, one independent learner per task.
+
+    Every learner starts from Q = 0 and acts with epsilon decaying linearly from `eps_start` to
+    `eps_end` over the first `decay_fraction` of its episodes (then stays at `eps_end`), so its
+    first episodes are a random walk and its last ones follow the learned greedy policy: the
+    improvement curve Algorithm Distillation learns to reproduce in context. Greedy ties break at
+    random. Time-limit truncation bootstraps; only a true termination (the door) does not.
+
+    Args:
+      env_name: "darkroom" or "darkkeytodoor" (or their gym ids).
+      tasks: task ids, one learner each (repeats allowed: independent learners on the same task).
+      episodes_per_task: episodes in each history.
+      seed: the same seed (and arguments) always gives the same histories.
+      lr: Q-learning step size (the dynamics are deterministic, so large steps are safe).
+      gamma: discount of the learner (not of the stored returns, which are undiscounted).
+      eps_start: exploration rate of the first episode.
+      eps_end: exploration rate after the decay.
+      decay_fraction: fraction of the episodes over which epsilon decays.
+
+    Returns:
+      Trajectories with discrete actions, `task_id` per episode, episodes ordered task by task
+      (in the order of `tasks`) and, within a task, in learning order; metadata holds env_id,
+      source, the learner settings, ref_min_score (mean return of uniform-random actions on these
+      tasks) and ref_max_score (mean optimal return of these tasks).
+
+    Raises:
+      ValueError: an unknown env, an invalid task id, no tasks, or a non-positive episode count.
+    """
+    name = darkroom.canonical_name(env_name)
+    if int(episodes_per_task) < 1:
+        raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
+    if not 0.0 <= eps_end <= eps_start <= 1.0 or not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(
+            "need 0 <= eps_end <= eps_start <= 1 and 0 < decay_fraction <= 1, got "
+            f"{eps_end}, {eps_start}, {decay_fraction}"
+        )
+    episodes = int(episodes_per_task)
+    env = darkroom.VectorDarkRoom(name, tasks)
+    n, horizon, obs_dim = env.num_envs, env.horizon, env.obs_dim
+    rng = np.random.default_rng(seed)
+    q = np.zeros((n, env.num_states, len(darkroom.MOVES)))
+    rows = np.arange(n)
+
+    obs = np.zeros((n, episodes, horizon, obs_dim), np.float32)
+    actions = np.zeros((n, episodes, horizon), np.int64)
+    rewards = np.zeros((n, episodes, horizon), np.float32)
+    terminals = np.zeros((n, episodes, horizon), bool)
+    timeouts = np.zeros((n, episodes, horizon), bool)
+    valid = np.zeros((n, episodes, horizon), bool)
+    decay_episodes = max(1, int(round(decay_fraction * episodes)))
+
+    for e in range(episodes):
+        eps = eps_end + (eps_start - eps_end) * max(0.0, 1.0 - e / decay_episodes)
+        env.reset()
+        active = np.ones(n, bool)
+        for t in range(horizon):
+            s = env.state_index()
+            obs[:, e, t] = env.obs()
+            explore = rng.random(n) < eps
+            a = np.where(explore, rng.integers(0, len(darkroom.MOVES), n), _greedy(q[rows, s], rng))
+            _, r, term, trunc = env.step(a)
+            s2 = env.state_index()
+            target = r + gamma * q[rows, s2].max(axis=1) * ~term
+            # Rows whose episode already ended keep stepping (cheaper than compacting) but are
+            # neither learned from nor recorded.
+            q[rows, s, a] += np.where(active, lr * (target - q[rows, s, a]), 0.0)
+            actions[:, e, t], rewards[:, e, t] = a, r
+            terminals[:, e, t], timeouts[:, e, t] = term & active, trunc & active
+            valid[:, e, t] = active
+            active &= ~(term | trunc)
+            if not active.any():
+                break
+
+    lengths = valid.sum(axis=2).reshape(-1)  # [n * episodes], task-major
+    starts = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    task_arr = np.repeat(np.asarray(env.tasks, np.int64), episodes)
+    metadata = {
+        "env_id": darkroom.DARKROOM_ID if name == "darkroom" else darkroom.DARKKEYTODOOR_ID,
+        "source": "ringrl-qlearning",
+        "learner": "epsilon-greedy tabular Q-learning",
+        "episodes_per_task": episodes,
+        "seed": int(seed),
+        "lr": float(lr),
+        "gamma": float(gamma),
+        "eps_start": float(eps_start),
+        "eps_end": float(eps_end),
+        "decay_fraction": float(decay_fraction),
+        "ref_min_score": random_return(name, env.tasks, seed=seed),
+        "ref_max_score": float(np.mean([darkroom.optimal_return(name, t) for t in env.tasks])),
+    }
+    return Trajectories(
+        observations=obs[valid],
+        actions=actions[valid],
+        rewards=rewards[valid],
+        terminals=terminals[valid],
+        timeouts=timeouts[valid],
+        episode_starts=starts,
+        task_id=task_arr,
+        metadata=metadata,
+    )
+
+
+def random_return(
+    env_name: str, tasks: Sequence[int], *, episodes: int = 100, seed: int = 0
+) -> float:
+    """Mean undiscounted return of uniform-random actions over `tasks` (`episodes` each)."""
+    env = darkroom.VectorDarkRoom(env_name, np.repeat(np.asarray(tasks), episodes))
+    rng = np.random.default_rng([seed, 1])
+    total = np.zeros(env.num_envs)
+    active = np.ones(env.num_envs, bool)
+    for _ in range(env.horizon):
+        _, r, term, trunc = env.step(rng.integers(0, len(darkroom.MOVES), env.num_envs))
+        total += r * active
+        active &= ~(term | trunc)
+    return float(total.mean())
+
+
+def history_summary(data: Trajectories, fraction: float = 0.1) -> dict[str, float]:
+    """Mean return overall and over the first / last `fraction` of each task's history.
+
+    Assumes the layout of `learning_histories` (equal-length histories, task by task).
+    """
+    per_task = int(data.metadata["episodes_per_task"])
+    returns = data.returns.reshape(-1, per_task)
+    k = max(1, int(round(fraction * per_task)))
+    return {
+        "mean_return": float(returns.mean()),
+        "first_return": float(returns[:, :k].mean()),
+        "last_return": float(returns[:, -k:].mean()),
+    }
+
+
+# ------------------------------------------------------------------ D4RL-style MuJoCo datasets
+
+
+def dataset_prefix(env_id: str) -> str:
+    """ "Hopper-v5" -> "hopper" (the D4RL file-name prefix)."""
+    return re.sub(r"-v\d+$", "", env_id.split("/")[-1]).lower()
+
+
+def dataset_path(out_dir: str, env_id: str, level: str) -> str:
+    """out_dir/<env>-<level>-ringrl-v0.hdf5, e.g. data/hopper-medium-replay-ringrl-v0.hdf5."""
+    return os.path.join(out_dir, f"{dataset_prefix(env_id)}-{level}-ringrl-v0.hdf5")
+
+
+def uniform_policy(low: np.ndarray, high: np.ndarray) -> Policy:
+    """Uniformly random actions in the box [low, high], drawn from the rollout's generator."""
+    low, high = np.asarray(low, np.float32), np.asarray(high, np.float32)
+
+    def act(obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform(low, high, (len(obs), *low.shape)).astype(np.float32)
+
+    return act
+
+
+def rollout_episodes(
+    env_id: str,
+    policy: Policy,
+    *,
+    num_steps: int | None = None,
+    num_episodes: int | None = None,
+    seed: int = 0,
+    num_envs: int = 8,
+) -> list[dict[str, Any]]:
+    """Whole episodes of `policy` in `num_envs` copies of `env_id`, stepped in lockstep.
+
+    Give exactly one of `num_steps` (episodes are started until the finished ones hold at least
+    this many steps; every started episode is finished, so the total can exceed it by up to
+    `num_envs - 1` episodes, and short episodes are not favoured) or `num_episodes`.
+    Each env copy is reset with its own seed derived from `seed`; the policy gets a generator
+    derived from `seed` too, so the result is a function of the arguments.
+
+    Returns:
+      Episodes in the order they finished, each a dict of observations [T, S],
+      next_observations [T, S], actions [T, A], rewards [T], terminals [T] (true termination),
+      timeouts [T] (time limit, never together with a terminal).
+    """
+    if (num_steps is None) == (num_episodes is None):
+        raise ValueError("give exactly one of num_steps and num_episodes")
+    if num_steps is not None and num_steps < 1 or num_episodes is not None and num_episodes < 1:
+        raise ValueError(f"need a positive count, got {num_steps=}, {num_episodes=}")
+    if num_episodes is not None:
+        num_envs = min(num_envs, num_episodes)
+    envs = [gym.make(env_id) for _ in range(num_envs)]
+    seeds = np.random.SeedSequence(seed).generate_state(num_envs + 1)
+    rng = np.random.default_rng(seeds[-1])
+    obs = np.stack(
+        [np.asarray(e.reset(seed=int(s))[0], np.float32) for e, s in zip(envs, seeds[:-1])]
+    )
+    current: list[dict[str, list]] = [_empty() for _ in envs]
+    active = np.ones(num_envs, bool)
+    started, done_steps, finished = num_envs, 0, []
+    while active.any():
+        idx = np.flatnonzero(active)
+        acts = np.asarray(policy(obs[idx], rng), np.float32)
+        for j, i in enumerate(idx):
+            next_obs, reward, terminated, truncated, _ = envs[i].step(acts[j])
+            next_obs = np.asarray(next_obs, np.float32)
+            ep = current[i]
+            ep["observations"].append(obs[i])
+            ep["next_observations"].append(next_obs)
+            ep["actions"].append(acts[j])
+            ep["rewards"].append(float(reward))
+            ep["terminals"].append(bool(terminated))
+            ep["timeouts"].append(bool(truncated and not terminated))
+            obs[i] = next_obs
+            if terminated or truncated:
+                finished.append({k: np.asarray(v) for k, v in ep.items()})
+                done_steps += len(ep["rewards"])
+                current[i] = _empty()
+                more = done_steps < num_steps if num_steps is not None else started < num_episodes
+                if more:
+                    obs[i] = np.asarray(envs[i].reset()[0], np.float32)
+                    started += 1
+                else:
+                    active[i] = False
+    for e in envs:
+        e.close()
+    for ep in finished:
+        ep["rewards"] = ep["rewards"].astype(np.float32)
+    return finished
+
+
+def _empty() -> dict[str, list]:
+    keys = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")
+    return {k: [] for k in keys}
+
+
+def rollout_dataset(
+    env_id: str, policy: Policy, num_steps: int, *, seed: int = 0, num_envs: int = 8
+) -> Trajectories:
+    """`rollout_episodes(num_steps=...)` as a Trajectories (with next_observations)."""
+    episodes = rollout_episodes(env_id, policy, num_steps=num_steps, seed=seed, num_envs=num_envs)
+    return Trajectories.from_episodes(episodes, metadata={"env_id": env_id})
+
+
+def buffer_dataset(buffer: dict[str, np.ndarray], upto: int) -> Trajectories:
+    """The first `upto` rows of a replay buffer, cut after the last episode that ended by then.
+
+    Args:
+      buffer: per-step arrays in the order they were collected: observations, actions, rewards,
+        next_observations, terminals, timeouts (D4RL flags).
+      upto: number of rows the learner had collected (e.g. the step of the medium snapshot).
+
+    Returns:
+      Trajectories of the complete episodes among those rows (the D4RL `medium-replay` set).
+    """
+    ends = np.flatnonzero(buffer["terminals"][:upto] | buffer["timeouts"][:upto])
+    if len(ends) == 0:
+        raise ValueError(f"no episode ended in the first {upto} buffer rows; fix: train longer")
+    n = int(ends[-1]) + 1
+    starts = np.concatenate([[0], ends + 1]).astype(np.int64)
+    return Trajectories(
+        observations=buffer["observations"][:n],
+        actions=buffer["actions"][:n],
+        rewards=buffer["rewards"][:n],
+        terminals=buffer["terminals"][:n],
+        timeouts=buffer["timeouts"][:n],
+        episode_starts=starts,
+        next_observations=buffer["next_observations"][:n],
+    )

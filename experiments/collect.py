@@ -1,0 +1,97 @@
+r"""Makes our own datasets.  python -m experiments.collect darkroom [--tasks N --episodes E --out F]
+python -m experiments.collect mujoco --env Hopper-v5 --steps 100000 [--out data/]   (resumable)"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from envs import darkroom, generate
+
+HISTORIES = {"darkroom": (64, 17, 1000), "darkkeytodoor": (100, 20, 1000)}  # train, held-out, eps
+MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_writable(folder: str) -> None:
+    try:  # fail before minutes of work, not when saving
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        fail(f"cannot write to {folder!r} ({err.strerror}); fix: pass a writable --out", 1)
+
+
+def histories(args: argparse.Namespace) -> None:
+    train_n, heldout_n, episodes = HISTORIES[args.kind]
+    train_n, episodes = args.tasks or train_n, args.episodes or episodes
+    out = args.out or os.path.join("data", f"{args.kind}_histories.hdf5")
+    check_writable(os.path.dirname(os.path.abspath(out)))
+    try:
+        train, heldout = darkroom.task_split(args.kind, train_n, heldout_n, args.seed)
+    except ValueError as err:
+        fail(str(err))
+    t0 = time.time()
+    try:
+        data = generate.learning_histories(args.kind, train, episodes, args.seed)
+    except ValueError as err:
+        fail(str(err))
+    data.metadata.update(train_tasks=train, heldout_tasks=heldout)
+    s = generate.history_summary(data)
+    print(
+        f"{args.kind}: {len(train)} tasks x {episodes} episodes = {data.num_episodes} episodes, "
+        f"{data.num_steps} steps in {time.time() - t0:.1f} s"
+    )
+    print(
+        f"mean return {s['mean_return']:.2f}; first 10% {s['first_return']:.2f}, last 10% "
+        f"{s['last_return']:.2f} (random {data.metadata['ref_min_score']:.2f}, optimal "
+        f"{data.metadata['ref_max_score']:.2f}); held-out tasks {heldout}"
+    )
+    print(f"wrote {data.save(out)}")
+
+
+def mujoco(args: argparse.Namespace) -> None:
+    if args.env not in MUJOCO:
+        fail(f"unknown --env {args.env!r}; valid: {', '.join(MUJOCO)}")
+    if args.steps < 1 or (args.dataset_steps or 1) < 1:
+        fail(
+            f"--steps and --dataset-steps must be positive, got {args.steps}, {args.dataset_steps}"
+        )
+    out = args.out or "data"
+    check_writable(out)
+    from agents import sac  # noqa: PLC0415 (jax only for this command)
+
+    t0 = time.time()
+    paths = sac.collect_datasets(
+        args.env, args.steps, out, dataset_steps=args.dataset_steps, seed=args.seed
+    )
+    for level, path in paths.items():
+        print(f"wrote {level}: {path}")
+    print(f"done in {(time.time() - t0) / 60:.1f} min (this invocation)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("kind", help="darkroom | darkkeytodoor | mujoco")
+    p.add_argument("--tasks", type=int, help="training tasks (histories)")
+    p.add_argument("--episodes", type=int, help="episodes per history")
+    p.add_argument("--env", default="Hopper-v5", help=f"mujoco env: {', '.join(MUJOCO)}")
+    p.add_argument("--steps", type=int, default=100_000, help="SAC training steps")
+    p.add_argument("--dataset-steps", type=int, help="steps per rolled-out set (default --steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="file (histories) or folder (mujoco); default under data/")
+    args = p.parse_args(argv)
+    if args.kind in HISTORIES:
+        histories(args)
+    elif args.kind == "mujoco":
+        mujoco(args)
+    else:
+        fail(f"unknown dataset kind {args.kind!r}; valid: {', '.join([*HISTORIES, 'mujoco'])}")
+
+
+if __name__ == "__main__":
+    main()
