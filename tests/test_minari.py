@@ -105,9 +105,7 @@ def test_loads_datacollector_dataset(root):
             obs, r, term, trunc, _ = self.env.step(action)
             return obs, r, term, trunc, {"task_id": 7}
 
-    env = DataCollector(
-        TaskInfo(gym.make("CartPole-v1", max_episode_steps=12)), record_infos=True
-    )
+    env = DataCollector(TaskInfo(gym.make("CartPole-v1", max_episode_steps=12)), record_infos=True)
     rng = np.random.default_rng(2)
     seen = []  # (obs, action, reward, next_obs, terminated, truncated)
     for ep in range(4):
