@@ -1,0 +1,293 @@
+"""Acting with a sharded KV cache, across steps and across attempts.
+
+Dimension letters: B environments, S obs dim, A action dim, H heads, D head dim, k tokens per step.
+
+The token stream at evaluation mirrors training: for every attempt and every step, the tokens of
+the step in the model's order, e.g. (target return, state) -> predict the action from the state
+token -> then (action, reward). Each `Actor.act` call appends the previous step's trailing tokens
+(action, reward; not yet known when that step was predicted) followed by this step's leading tokens
+(target return, state), runs them through every layer against that layer's KV cache
+(`ring.decode.append` + `ring.decode.decode_step`: each device attends over its own slice of the
+cache, partial softmaxes merged over SEQ), and returns the action predicted from the state token.
+So every step appends exactly k tokens and costs O(context / n) per device, however long the
+context; earlier attempts simply stay in the cache.
+
+At the very first call there is no previous step: its trailing-token slots are appended as
+padding (segment id 0, invisible to real tokens, as in training). Real tokens have segment id 1,
+or `attempt + 1` with `isolate_attempts=True` (the Decision Transformer, which is trained on one
+trajectory and must not see earlier attempts).
+
+`recompute_predict` is the baseline: the full backbone over the whole history each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from agents import backbone
+from ring import decode
+from ring.mesh import DATA
+
+
+@struct.dataclass
+class ActorState:
+    """Per-environment context of an Actor (all arrays sharded over DATA; caches also over SEQ).
+
+    Attributes:
+      caches: one ring.decode.KVCache per layer, [B, T_max, H, D] with segment ids.
+      attempt: [B] int32, current attempt (trajectory index of the next step).
+      t: [B] int32, step within the current attempt.
+      prev_action: [B] int32 or [B, A] float32, action of the last step.
+      prev_reward: [B] float32, its reward (set by `observe`).
+      prev_done: [B] float32, 1 if that step ended its attempt.
+      prev_attempt: [B] int32, attempt of the last step.
+      prev_t: [B] int32, timestep of the last step.
+      has_prev: [B] bool, a last step exists (False before the first act).
+    """
+
+    caches: tuple[decode.KVCache, ...]
+    attempt: jax.Array
+    t: jax.Array
+    prev_action: jax.Array
+    prev_reward: jax.Array
+    prev_done: jax.Array
+    prev_attempt: jax.Array
+    prev_t: jax.Array
+    has_prev: jax.Array
+
+
+class Actor:
+    """Cached acting for a Backbone over a (DATA, SEQ) mesh.
+
+    Args:
+      model: the trained Backbone (its attention/layout settings are irrelevant here).
+      mesh: (DATA, SEQ) mesh; the cache is split over SEQ, environments over DATA.
+      max_steps: steps per environment the context must hold (all attempts together, e.g.
+        attempts * max_episode_steps); capacity is k * max_steps tokens rounded up to the mesh.
+      windows: per-layer attention windows in tokens for acting (default: the model's).
+      isolate_attempts: hide earlier attempts (segment id = attempt + 1); for DT.
+      greedy: argmax / tanh mean (True) or sample from the logits / Gaussian around the mean.
+      action_std: std of the Gaussian for non-greedy continuous actions.
+    """
+
+    def __init__(
+        self,
+        model: backbone.Backbone,
+        mesh: jax.sharding.Mesh,
+        *,
+        max_steps: int,
+        windows: tuple[int | None, ...] | None = None,
+        isolate_attempts: bool = False,
+        greedy: bool = True,
+        action_std: float = 0.1,
+    ):
+        n_data, n_seq = backbone.mesh_sizes(mesh)
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.model = model
+        self.mesh = mesh
+        self.k = model.tokens_per_step
+        self.state_index = list(model.tokens).index("state")
+        self.leading = tuple(model.tokens[: self.state_index + 1])  # known before acting
+        self.trailing = tuple(model.tokens[self.state_index + 1 :])  # known after acting
+        self.max_steps = int(max_steps)
+        self.capacity = -(-self.k * self.max_steps // n_seq) * n_seq
+        if windows is None:
+            windows = model.layer_windows
+        if len(windows) != model.num_layers:
+            raise ValueError(f"windows needs {model.num_layers} entries, got {len(windows)}")
+        self.windows = tuple(windows)
+        self.isolate_attempts = bool(isolate_attempts)
+        self.greedy = bool(greedy)
+        self.action_std = float(action_std)
+        self.n_data = n_data
+        self._env = NamedSharding(mesh, P(DATA))
+        self._rep = NamedSharding(mesh, P())
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._observe = jax.jit(self._observe_impl, donate_argnums=(0,))
+
+    def reset(self, batch_size: int) -> ActorState:
+        """Empty contexts for `batch_size` environments (a multiple of the DATA axis size)."""
+        if batch_size % self.n_data:
+            raise ValueError(
+                f"{batch_size} environments do not split over mesh axis {DATA!r} of size "
+                f"{self.n_data}; use a multiple of it"
+            )
+        b = int(batch_size)
+        head_dim = self.model.embed_dim // self.model.num_heads
+        caches = tuple(
+            decode.init_cache(
+                b,
+                self.capacity,
+                self.model.num_heads,
+                head_dim,
+                mesh=self.mesh,
+                with_segment_ids=True,
+            )
+            for _ in range(self.model.num_layers)
+        )
+        if self.model.discrete:
+            prev_action = np.zeros((b,), np.int32)
+        else:
+            prev_action = np.zeros((b, self.model.action_dim), np.float32)
+        zeros_i = np.zeros((b,), np.int32)
+        host = dict(
+            attempt=zeros_i,
+            t=zeros_i,
+            prev_action=prev_action,
+            prev_reward=np.zeros((b,), np.float32),
+            prev_done=np.zeros((b,), np.float32),
+            prev_attempt=zeros_i,
+            prev_t=zeros_i,
+            has_prev=np.zeros((b,), bool),
+        )
+        arrays = {k: jax.device_put(v, self._env) for k, v in host.items()}
+        return ActorState(caches=caches, **arrays)
+
+    def act(
+        self,
+        params: Any,
+        state: ActorState,
+        observation: np.ndarray | jax.Array,
+        target_return: np.ndarray | jax.Array,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, ActorState]:
+        """Appends this step's tokens and returns (action [B] or [B, A], new state).
+
+        Args:
+          params: model parameters (replicated on the mesh).
+          state: from `reset` / the last call (donated: do not reuse it).
+          observation: [B, S].
+          target_return: [B] target-return token (AT: a constant such as the best return; DT:
+            the remaining return-to-go; AD: 0).
+          rng: key for sampling when the Actor is not greedy.
+        """
+        action, _, state = self.act_with_prediction(params, state, observation, target_return, rng)
+        return action, state
+
+    def act_with_prediction(
+        self,
+        params: Any,
+        state: ActorState,
+        observation: np.ndarray | jax.Array,
+        target_return: np.ndarray | jax.Array,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, ActorState]:
+        """Like `act`, also returning the raw prediction (logits or tanh mean) [B, A]."""
+        obs = jax.device_put(jnp.asarray(observation, jnp.float32), self._env)
+        target = jax.device_put(jnp.asarray(target_return, jnp.float32), self._env)
+        if rng is None:
+            rng = jax.device_put(jax.random.key(0), self._rep)
+        return self._step(params, state, obs, target, rng)
+
+    def observe(
+        self, state: ActorState, reward: np.ndarray | jax.Array, done: np.ndarray | jax.Array
+    ) -> ActorState:
+        """Records the outcome of the last action: reward [B], done [B] (the attempt ended).
+
+        A done environment's next `act` starts the next attempt (timestep 0, trajectory index + 1)
+        with all earlier attempts still in its context.
+        """
+        reward = jax.device_put(jnp.asarray(reward, jnp.float32), self._env)
+        done = jax.device_put(jnp.asarray(done, bool), self._env)
+        return self._observe(state, reward, done)
+
+    def _observe_impl(self, state: ActorState, reward: jax.Array, done: jax.Array) -> ActorState:
+        return state.replace(
+            prev_reward=reward,
+            prev_done=done.astype(jnp.float32),
+            t=jnp.where(done, 0, state.t + 1),
+            attempt=jnp.where(done, state.attempt + 1, state.attempt),
+        )
+
+    def _segment(self, attempt: jax.Array) -> jax.Array:
+        return attempt + 1 if self.isolate_attempts else jnp.ones_like(attempt)
+
+    def _step_impl(self, params, state: ActorState, obs, target, rng):
+        model = self.model
+        prev = {
+            "actions": state.prev_action,
+            "rewards": state.prev_reward,
+            "done": state.prev_done,
+        }
+        cur = {"observations": obs, "target_returns": target}
+        seg_prev = jnp.where(state.has_prev, self._segment(state.prev_attempt), 0)
+        seg_cur = self._segment(state.attempt)
+        segment_ids = jnp.stack(
+            [seg_prev] * len(self.trailing) + [seg_cur] * len(self.leading), axis=1
+        ).astype(jnp.int32)  # [B, k]
+
+        def body(m, caches, prev, cur, state):
+            emb = m.embed
+            pos_prev = emb.position(state.prev_t, state.prev_attempt)
+            pos_cur = emb.position(state.t, state.attempt)
+            xs = [emb.token(kind, prev) + pos_prev for kind in self.trailing]
+            xs += [emb.token(kind, cur) + pos_cur for kind in self.leading]
+            x = jnp.stack(xs, axis=1)  # [B, k, W]
+            new_caches = []
+            for blk, cache, window in zip(m.blocks, caches, self.windows):
+                q, k, v = blk.project(x)
+                cache = decode.append(cache, k, v, segment_ids=segment_ids)
+                a = decode.decode_step(q, cache, window=window, segment_ids=segment_ids)
+                x = blk.finish(x, a)
+                new_caches.append(cache)
+            return m.predict(x[:, -1]), tuple(new_caches)
+
+        def per_shard(params, caches, prev, cur, state):
+            return model.apply({"params": params}, caches, prev, cur, state, method=body)
+
+        cache_specs = tuple(decode.cache_specs(c, self.mesh) for c in state.caches)
+        env = P(DATA)
+        small = state.replace(caches=())
+        small_spec = jax.tree.map(lambda _: env, small)
+        pred, caches = jax.shard_map(
+            per_shard,
+            mesh=self.mesh,
+            in_specs=(P(), cache_specs, env, env, small_spec),
+            out_specs=(env, cache_specs),
+        )(params, state.caches, prev, cur, small)
+
+        action = self._select(pred, rng)
+        new_state = state.replace(
+            caches=caches,
+            prev_action=action,
+            prev_attempt=state.attempt,
+            prev_t=state.t,
+            has_prev=jnp.ones_like(state.has_prev),
+        )
+        return action, pred, new_state
+
+    def _select(self, pred: jax.Array, rng: jax.Array) -> jax.Array:
+        if self.model.discrete:
+            if self.greedy:
+                return jnp.argmax(pred, axis=-1).astype(jnp.int32)
+            return jax.random.categorical(rng, pred, axis=-1).astype(jnp.int32)
+        if self.greedy:
+            return pred
+        noise = self.action_std * jax.random.normal(rng, pred.shape, pred.dtype)
+        return jnp.clip(pred + noise, -1.0, 1.0)
+
+
+def recompute_predict(
+    model: backbone.Backbone,
+    params: Any,
+    history: dict[str, jax.Array],
+    step: jax.Array | int,
+    mesh: jax.sharding.Mesh,
+) -> jax.Array:
+    """Baseline: the full backbone over the whole history, prediction at `step` [B, A].
+
+    Args:
+      history: step arrays [B, T, ...] as the sampler packs them, steps in the order they were
+        taken (attempts back to back), `mask` False for steps not taken yet.
+      step: index of the current step (its target return and state are in `history`).
+    """
+    pred = backbone.forward(model, params, history, mesh)
+    return jax.lax.dynamic_index_in_dim(pred, step, axis=1, keepdims=False)

@@ -1,0 +1,213 @@
+"""Train state and the sharded train step.
+
+Dimension letters: B batch, T steps (see agents.sampler for the batch arrays).
+
+One jitted `train_step(state, batch, rng) -> (state, metrics)` over the (DATA, SEQ) mesh: params and
+optimizer state replicated (P()), batch arrays P(DATA, SEQ), state donated. The loss is the mean
+over every valid action target of the global batch (agents.backbone.loss), so its value and
+gradient do not depend on the mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from agents import backbone
+from ring.mesh import DATA, SEQ
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step.
+
+    Attributes:
+      step: int32 scalar, number of updates done.
+      params: model parameters (the "params" collection).
+      opt_state: optax state.
+      rng: PRNG key of the run (per-step keys are derived with fold_in).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def _optim(config: ml_collections.ConfigDict) -> tuple[Any, int]:
+    """(config.optim, total steps), with a clear error for missing fields."""
+    for field in ("optim", "num_steps"):
+        if field not in config:
+            raise ValueError(f"config has no {field!r}; the train step needs config.{field}")
+    for field in ("lr", "warmup_steps", "weight_decay", "grad_clip"):
+        if field not in config.optim:
+            raise ValueError(f"config.optim has no {field!r}; add config.optim.{field}")
+    return config.optim, int(config.num_steps)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to optim.lr over optim.warmup_steps, cosine decay to 0 at num_steps."""
+    optim, num_steps = _optim(config)
+    warmup = int(optim.warmup_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=float(optim.lr),
+        warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1),
+        end_value=0.0,
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (decay on matrices only) with `make_schedule`."""
+    optim, _ = _optim(config)
+
+    def decay_mask(params):  # biases, norms and scales are not decayed
+        return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(float(optim.grad_clip)),
+        optax.adamw(make_schedule(config), weight_decay=float(optim.weight_decay), mask=decay_mask),
+    )
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Sharding of every [B, T, ...] batch array: P(DATA, SEQ)."""
+    return NamedSharding(mesh, P(DATA, SEQ))
+
+
+def init_state(
+    model: backbone.Backbone,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+    obs_dim: int,
+) -> TrainState:
+    """Initial TrainState, created directly with replicated shardings on the mesh.
+
+    Shapes come from `jax.eval_shape`; the state is then built by a jit with `out_shardings`, so
+    no host copy of the parameters is ever made.
+
+    Args:
+      model: the Backbone.
+      config: needs config.optim (lr, warmup_steps, weight_decay, grad_clip) and num_steps.
+      mesh: (DATA, SEQ) mesh.
+      rng: PRNG key (jax.random.key); split into init and run keys.
+      obs_dim: S.
+    """
+    tx = make_optimizer(config)
+
+    def init(rng):
+        init_rng, run_rng = jax.random.split(rng)
+        params = backbone.init_params(model, init_rng, obs_dim)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=run_rng
+        )
+
+    abstract = jax.eval_shape(init, rng)
+    shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Replicated NamedSharding for every leaf (parameters are not sharded)."""
+    return jax.tree.map(lambda _: replicated(mesh), state)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Places a host batch on the mesh with P(DATA, SEQ).
+
+    Uses `jax.make_array_from_process_local_data`, so with several processes each passes its own
+    slice of the batch (rows of its DATA shards) and the global array is assembled without copies.
+    """
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def make_train_step(
+    model: backbone.Backbone,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    example_batch: dict[str, Any] | None = None,
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """The jitted `train_step(state, batch, rng) -> (state, metrics)`.
+
+    The function is jitted here, once, with explicit shardings (state replicated, batch
+    P(DATA, SEQ), rng replicated) and `donate_argnums=0`. Metrics: loss, grad_norm (before
+    clipping), lr, num_targets. Tokens/s is the caller's to measure.
+
+    Args:
+      model: the Backbone.
+      config: needs config.optim (lr, warmup_steps, weight_decay, grad_clip) and num_steps.
+      mesh: (DATA, SEQ) mesh.
+      example_batch: optional batch (host or device) to validate shapes against the mesh now.
+    """
+    tx = make_optimizer(config)
+    schedule = make_schedule(config)
+    if example_batch is not None:
+        backbone.check_batch(model, example_batch, mesh)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+        # The model is deterministic today (no dropout); the per-step key is derived anyway so
+        # stochastic additions get a fresh, reproducible key each step.
+        step_rng = jax.random.fold_in(rng, state.step)
+        del step_rng
+
+        def loss_fn(params):
+            return backbone.loss(model, params, batch, mesh)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+            "num_targets": aux["num_targets"],
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(rep, batch_sharding(mesh), rep),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(
+    model: backbone.Backbone, mesh: jax.sharding.Mesh
+) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict]]:
+    """Jitted `eval_step(params, batch) -> (predictions [B, T, A], {"loss", "num_targets"})`.
+
+    Predictions are logits (discrete) or tanh means (continuous), in original step order.
+    """
+
+    def eval_step(params, batch):
+        pred = backbone.forward(model, params, batch, mesh)
+        total, count = backbone.action_loss(pred, batch["actions"], batch["mask"], model.discrete)
+        return pred, {"loss": total / jnp.maximum(count, 1.0), "num_targets": count}
+
+    rep = replicated(mesh)
+    return jax.jit(
+        eval_step,
+        in_shardings=(rep, batch_sharding(mesh)),
+        out_shardings=(batch_sharding(mesh), rep),
+    )
