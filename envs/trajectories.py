@@ -473,7 +473,9 @@ def _check_metadata(metadata: Mapping[str, Any]) -> None:
                 f"metadata key {key!r} is not allowed; fix: use a non-empty str key other than "
                 "'episode_starts' (stored structurally)"
             )
-        if isinstance(value, (str, bool, int, float, np.ndarray, np.generic)):
+        if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "UO":
+            value = value.tolist()
+        elif isinstance(value, (str, bool, int, float, np.ndarray, np.generic)):
             continue
         try:
             json.dumps(value)
@@ -485,6 +487,8 @@ def _check_metadata(metadata: Mapping[str, Any]) -> None:
 
 
 def _write_metadata(f: h5py.File, name: str, value: Any) -> None:
+    if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "UO":
+        value = value.tolist()  # HDF5 has no numpy-unicode/object type: stored as JSON
     if isinstance(value, (str, bool, int, float, np.ndarray, np.generic)):
         f.create_dataset(name, data=value)
     else:
