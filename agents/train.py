@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -144,6 +145,7 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     example_batch: dict[str, Any] | None = None,
+    max_traces: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """The jitted `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -156,6 +158,8 @@ def make_train_step(
       config: needs config.optim (lr, warmup_steps, weight_decay, grad_clip) and num_steps.
       mesh: (DATA, SEQ) mesh.
       example_batch: optional batch (host or device) to validate shapes against the mesh now.
+      max_traces: if set, fail when the step is traced more often (chex.assert_max_traces), to
+        prove that it compiles once.
     """
     tx = make_optimizer(config)
     schedule = make_schedule(config)
@@ -183,6 +187,8 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
+    if max_traces is not None:
+        train_step = chex.assert_max_traces(train_step, n=max_traces)
     rep = replicated(mesh)
     return jax.jit(
         train_step,
