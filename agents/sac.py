@@ -329,6 +329,8 @@ def train_sac(
     Raises:
       ValueError: an existing checkpoint was made with other settings, or a non-Box action space.
     """
+    if total_steps < 1:
+        raise ValueError(f"SAC needs a positive number of steps, got {total_steps}")
     config = config or SACConfig()
     os.makedirs(out_dir, exist_ok=True)
     path = checkpoint_path(out_dir, env_id)
@@ -493,6 +495,8 @@ def collect_datasets(
     Returns:
       {level: path} of the files written (empty if training was stopped early).
     """
+    if dataset_steps is not None and dataset_steps < 1:
+        raise ValueError(f"dataset_steps must be positive, got {dataset_steps}")
     run = train_sac(
         env_id,
         total_steps,

@@ -181,6 +181,19 @@ def history_summary(data: Trajectories, fraction: float = 0.1) -> dict[str, floa
     }
 
 
+def describe_histories(data: Trajectories) -> str:
+    """One line: tasks, episodes, steps, mean return, first / last 10%, random and optimal."""
+    s = history_summary(data)
+    m = data.metadata
+    return (
+        f"{m['env_id']}: {data.num_episodes // m['episodes_per_task']} tasks x "
+        f"{m['episodes_per_task']} episodes = {data.num_episodes} episodes, {data.num_steps} "
+        f"steps; mean return {s['mean_return']:.2f}, first 10% {s['first_return']:.2f}, last 10% "
+        f"{s['last_return']:.2f} (random {m['ref_min_score']:.2f}, optimal "
+        f"{m['ref_max_score']:.2f})"
+    )
+
+
 # ------------------------------------------------------------------ D4RL-style MuJoCo datasets
 
 
