@@ -18,6 +18,7 @@ Dimension letters: B batch, S observation dim, A action dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 import tempfile
@@ -224,6 +225,12 @@ class SAC:
         return act
 
 
+@functools.cache
+def get_sac(obs_dim: int, action_dim: int, config: SACConfig) -> SAC:
+    """A shared `SAC` per size and config, so its jitted functions compile once per process."""
+    return SAC(obs_dim, action_dim, config)
+
+
 @dataclasses.dataclass
 class SACRun:
     """Everything a run produced (and everything a checkpoint holds)."""
@@ -343,7 +350,7 @@ def train_sac(
     action_dim = int(np.prod(env.action_space.shape))
     low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
     scale, bias = (high - low) / 2.0, (high + low) / 2.0
-    sac = SAC(obs_dim, action_dim, config)
+    sac = get_sac(obs_dim, action_dim, config)
 
     if os.path.exists(path):
         run = load_checkpoint(path)
@@ -509,7 +516,7 @@ def collect_datasets(
     if not run.done:
         return {}
     dataset_steps = dataset_steps or total_steps
-    sac = SAC(run.buffer["observations"].shape[1], run.buffer["actions"].shape[1], run.config)
+    sac = get_sac(run.buffer["observations"].shape[1], run.buffer["actions"].shape[1], run.config)
     space = gym.make(env_id).action_space
     medium = pick_medium(run.snapshots)
     final = run.snapshots[-1]
