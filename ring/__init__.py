@@ -1,5 +1,20 @@
 """Pure-JAX sequence parallelism: Ring Attention and what it needs."""
 
+from ring.attention import blockwise_attention, ring_attention
+from ring.ffn import blockwise_ffn
+from ring.layout import from_layout, local_positions, to_layout
 from ring.mesh import DATA, SEQ, make_mesh
+from ring.reference import dense_attention
 
-__all__ = ["DATA", "SEQ", "make_mesh"]
+__all__ = [
+    "DATA",
+    "SEQ",
+    "blockwise_attention",
+    "blockwise_ffn",
+    "dense_attention",
+    "from_layout",
+    "local_positions",
+    "make_mesh",
+    "ring_attention",
+    "to_layout",
+]

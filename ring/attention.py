@@ -1,0 +1,512 @@
+"""Ring Attention (Liu, Zaharia & Abbeel 2023) with a hand-written blockwise forward and backward.
+
+Dimension letters: B batch, T tokens (T_local per device), H heads, D head dim, n ring size.
+
+`ring_attention` is a per-shard function called inside `jax.shard_map` over the `seq` axis. Each
+device keeps its queries and passes its key/value block round the ring with `lax.ppermute`; at
+every hop it runs blockwise attention (FlashAttention-style online softmax, float32 statistics) of
+its queries against the block it holds and merges the result into its running `(o, lse)` with
+`ring.softmax.merge`. The backward pass is a `jax.custom_vjp` that walks the ring again carrying
+dK/dV with K/V (FlashAttention-2 backward per chunk pair from the saved output and log-sum-exp), so
+no device ever holds more than its own shard plus one block in flight: memory O(T / n).
+
+Chunk pairs whose mask is empty (above the causal diagonal, outside the window, disjoint segment id
+ranges) are skipped with data-dependent loop bounds and `lax.cond`, never computed and masked.
+With a sliding window, hops whose blocks cannot meet any window are neither computed nor sent: the
+number of hops is derived statically from (layout, stripe, window, T_local, n).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ring.layout import check_layout, local_positions
+from ring.mesh import SEQ
+from ring.softmax import merge
+
+_F32 = jnp.float32
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+DEFAULT_BLOCK = 512
+
+# Test-only instrumentation: when set (before tracing) to a callable taking a string tag, every
+# chunk pair that is actually computed calls it at run time ("fwd" / "bwd"), so tests can count
+# executed pairs and check that empty ones are skipped. None in normal use: no callback is traced.
+_PAIR_HOOK = None
+
+
+def _count_pair(tag: str) -> None:
+    hook = _PAIR_HOOK
+    if hook is not None:
+        jax.debug.callback(lambda: hook(tag))
+
+
+class _Cfg(NamedTuple):
+    """Static configuration of one attention call (hashable: a custom_vjp nondiff argument)."""
+
+    axis_name: str | None  # None: single device, no collectives
+    n: int
+    causal: bool
+    window: int | None
+    layout: str
+    stripe: int
+    block_q: int
+    block_kv: int
+    hops: int  # ring hops actually computed (<= n); hops - 1 sends in the forward pass
+
+
+def default_block(t_local: int, cap: int = DEFAULT_BLOCK) -> int:
+    """Largest divisor of t_local that is <= cap (the default chunk size)."""
+    for b in range(min(cap, t_local), 0, -1):
+        if t_local % b == 0:
+            return b
+    return 1
+
+
+@functools.lru_cache(maxsize=256)
+def num_hops(layout: str, stripe: int, window: int | None, t_local: int, n: int) -> int:
+    """Number of ring hops (blocks visited, own block included) any device needs.
+
+    Hop h brings device i the block of device (i - h) mod n. Without a window every hop is needed
+    (some device sees every block). With window w a hop is needed only if some query at position p
+    on some device has a key p-w+1 .. p on the block h hops back. For the contiguous layout and
+    w <= T_local that is 2 hops.
+    """
+    if window is None or n == 1:
+        return n
+    if layout == "contiguous":
+        # keys of block i-h reach up to (i-h+1)*T_local - 1; the earliest query on i is i*T_local,
+        # which sees keys >= i*T_local - w + 1. Needed iff (1-h)*T_local - 1 >= 1 - w.
+        # Hops with i - h < 0 wrap round to future blocks and are never needed.
+        need = [h for h in range(n) if (1 - h) * t_local - 1 >= 1 - window]
+        return max(need) + 1
+    last = 0
+    for h in range(1, n):
+        for i in range(n):
+            qp = local_positions(i, n, t_local, layout, stripe, xp=np)
+            kp = local_positions((i - h) % n, n, t_local, layout, stripe, xp=np)
+            # nearest key at or before each query (kp sorted)
+            j = np.searchsorted(kp, qp, side="right") - 1
+            ok = j >= 0
+            if np.any(qp[ok] - kp[j[ok]] < window):
+                last = h
+                break
+    return last + 1
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # older jax spelling
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def _vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """Marks x as varying over the same manual mesh axes as ref (shard_map's check_vma typing)."""
+    want, have = _varying_axes(ref), _varying_axes(x)
+    missing = tuple(sorted(set(want) - set(have)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _chunk_plan(qpos, kpos, qseg, kseg, cfg: _Cfg):
+    """Which chunk pairs have at least one visible (query, key) pair: bool [nq, nk].
+
+    Positions are increasing within a device for both layouts, so per-chunk min/max tests are
+    exact for causal/window edges of contiguous chunks and conservative otherwise. Note `<=`: the
+    diagonal pair is visible even when a chunk holds a single query.
+    """
+    nq, nk = qpos.shape[0] // cfg.block_q, kpos.shape[0] // cfg.block_kv
+    qc, kc = qpos.reshape(nq, cfg.block_q), kpos.reshape(nk, cfg.block_kv)
+    qmin, qmax = qc[:, 0], qc[:, -1]
+    kmin, kmax = kc[:, 0], kc[:, -1]
+    ne = jnp.ones((nq, nk), bool)
+    if cfg.causal:
+        ne &= kmin[None, :] <= qmax[:, None]
+    if cfg.window is not None:
+        ne &= kmax[None, :] > qmin[:, None] - cfg.window
+    if qseg is not None:
+        b = qseg.shape[0]
+        qs = qseg.reshape(b, nq, cfg.block_q)
+        ks = kseg.reshape(b, nk, cfg.block_kv)
+        qlo, qhi = qs.min(-1), qs.max(-1)
+        klo, khi = ks.min(-1), ks.max(-1)
+        overlap = (qhi[:, :, None] >= klo[:, None, :]) & (qlo[:, :, None] <= khi[:, None, :])
+        ne &= overlap.any(0)
+    return ne
+
+
+def _ranges(ne: jax.Array):
+    """First and one-past-last True index along the last axis (0, 0 where none)."""
+    m = ne.shape[-1]
+    anyv = ne.any(-1)
+    lo = jnp.argmax(ne, axis=-1)
+    hi = m - jnp.argmax(ne[..., ::-1], axis=-1)
+    return jnp.where(anyv, lo, 0), jnp.where(anyv, hi, 0)
+
+
+def _pair_mask(qp, kp, qs, ks, cfg: _Cfg):
+    """Visibility of one chunk pair, broadcastable to [B, H, bq, bk], or None if all visible."""
+    mask = None
+    if cfg.causal:
+        mask = kp[None, :] <= qp[:, None]
+    if cfg.window is not None:
+        w = qp[:, None] - kp[None, :] < cfg.window
+        mask = w if mask is None else mask & w
+    if mask is not None:
+        mask = mask[None, None]
+    if qs is not None:
+        s = (qs[:, :, None] == ks[:, None, :])[:, None]
+        mask = s if mask is None else mask & s
+    return mask
+
+
+def _slice(x, start, size, axis):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
+    """Merges attention of all local queries vs one key/value block into the running (o, lse).
+
+    q: [B, H, Tl, D]; kv: [2, B, H, Tl, D]; o: [B, H, Tl, D] f32; lse: [B, H, Tl] f32.
+    """
+    bq, bk = cfg.block_q, cfg.block_kv
+    nq = q.shape[2] // bq
+    scale = q.shape[-1] ** -0.5
+    ne = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
+    lo, hi = _ranges(ne)
+
+    def q_step(a, carry):
+        o, lse = carry
+        qc = _slice(q, a * bq, bq, 2).astype(_F32) * scale
+        qp = _slice(qpos, a * bq, bq, 0)
+        qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
+
+        def kv_step(c, st):
+            def compute(st):
+                acc, m, l = st
+                _count_pair("fwd")
+                kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)
+                vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
+                s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc)
+                kp = _slice(kpos, c * bk, bk, 0)
+                ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
+                mask = _pair_mask(qp, kp, qs, ks, cfg)
+                if mask is not None:
+                    s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked rows stay 0
+                p = jnp.exp(s - m_safe[..., None])
+                corr = jnp.exp(m - m_safe)
+                l = l * corr + p.sum(-1)
+                acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p, vc)
+                return acc, m_new, l
+
+            if qseg is None:  # the range [lo, hi) is exactly the non-empty pairs
+                return compute(st)
+            return jax.lax.cond(ne[a, c], compute, lambda st: st, st)
+
+        acc0 = _vary_like(jnp.zeros(qc.shape, _F32), qc)
+        m0 = jnp.full(qc.shape[:-1], -jnp.inf, _F32)
+        m0 = _vary_like(m0, qc)
+        l0 = _vary_like(jnp.zeros(qc.shape[:-1], _F32), qc)
+        acc, m, l = jax.lax.fori_loop(lo[a], hi[a], kv_step, (acc0, m0, l0))
+        ok = l > 0
+        lse_c = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
+        o_c = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
+        o_c, lse_c = merge(_slice(o, a * bq, bq, 2), _slice(lse, a * bq, bq, 2), o_c, lse_c)
+        o = jax.lax.dynamic_update_slice_in_dim(o, o_c, a * bq, 2)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, a * bq, 2)
+        return o, lse
+
+    def run(carry):
+        return jax.lax.fori_loop(0, nq, q_step, carry)
+
+    # A hop with no visible pair at all (e.g. a future block in causal contiguous) costs nothing.
+    return jax.lax.cond(ne.any(), run, lambda c: c, (o, lse))
+
+
+def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkv, dq, cfg: _Cfg):
+    """Adds one key/value block's contribution to dq and to that block's travelling dk/dv.
+
+    FlashAttention-2 backward per chunk pair: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
+    dS = P * (dP - D) with D = rowsum(dO * O), dQ += dS K * scale, dK += dS^T Q * scale.
+    q, do: [B, H, Tl, D]; lse, di: [B, H, Tl] f32; kv: [2, B, H, Tl, D]; dkv: [2, B, H, Tl, D] f32;
+    dq: [B, H, Tl, D] f32.
+    """
+    bq, bk = cfg.block_q, cfg.block_kv
+    nk = kv.shape[3] // bk
+    scale = q.shape[-1] ** -0.5
+    ne = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
+    lo, hi = _ranges(ne.T)
+    # Rows that see no key at all have lse = -inf; +inf makes their P exactly 0.
+    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+
+    def kv_step(c, carry):
+        dkv, dq = carry
+        kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)
+        vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
+        kp = _slice(kpos, c * bk, bk, 0)
+        ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
+        dk_c = _slice(dkv[0], c * bk, bk, 2)
+        dv_c = _slice(dkv[1], c * bk, bk, 2)
+
+        def q_step(a, st):
+            def compute(st):
+                dk_c, dv_c, dq = st
+                _count_pair("bwd")
+                qc = _slice(q, a * bq, bq, 2).astype(_F32)
+                doc = _slice(do, a * bq, bq, 2).astype(_F32)
+                lse_c = _slice(lse, a * bq, bq, 2)
+                di_c = _slice(di, a * bq, bq, 2)
+                qp = _slice(qpos, a * bq, bq, 0)
+                qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
+                s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc) * scale
+                mask = _pair_mask(qp, kp, qs, ks, cfg)
+                if mask is not None:
+                    s = jnp.where(mask, s, -jnp.inf)
+                p = jnp.exp(s - lse_c[..., None])
+                dv_c = dv_c + jnp.einsum("bhqk,bhqd->bhkd", p, doc)
+                dp = jnp.einsum("bhqd,bhkd->bhqk", doc, vc)
+                ds = p * (dp - di_c[..., None])
+                dq_c = _slice(dq, a * bq, bq, 2) + jnp.einsum("bhqk,bhkd->bhqd", ds, kc) * scale
+                dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, a * bq, 2)
+                dk_c = dk_c + jnp.einsum("bhqk,bhqd->bhkd", ds, qc) * scale
+                return dk_c, dv_c, dq
+
+            if qseg is None:
+                return compute(st)
+            return jax.lax.cond(ne[a, c], compute, lambda st: st, st)
+
+        dk_c, dv_c, dq = jax.lax.fori_loop(lo[c], hi[c], q_step, (dk_c, dv_c, dq))
+        dkv = jax.lax.dynamic_update_slice_in_dim(dkv, jnp.stack([dk_c, dv_c]), c * bk, 3)
+        return dkv, dq
+
+    def run(carry):
+        return jax.lax.fori_loop(0, nk, kv_step, carry)
+
+    return jax.lax.cond(ne.any(), run, lambda c: c, (dkv, dq))
+
+
+def _device_index(cfg: _Cfg):
+    if cfg.axis_name is None or cfg.n == 1:
+        return 0
+    return jax.lax.axis_index(cfg.axis_name)
+
+
+def _shift(x, cfg: _Cfg, shift: int):
+    """Sends x from device j to device (j + shift) mod n on the ring."""
+    perm = [(j, (j + shift) % cfg.n) for j in range(cfg.n)]
+    return jax.lax.ppermute(x, cfg.axis_name, perm)
+
+
+def _walk(step, state, cfg: _Cfg):
+    """Runs `step(h, state, send)` for hops h = 0 .. hops-1; `send` is False on the last hop.
+
+    One or two hops are unrolled; longer rings use a loop (one compiled copy of the hop kernel
+    plus the final hop, whatever n is). The last hop never sends: with a window of <= T_local
+    the forward pass makes exactly one collective permute.
+    """
+    if cfg.hops <= 2:
+        for h in range(cfg.hops):
+            state = step(h, state, h < cfg.hops - 1)
+        return state
+    state = jax.lax.fori_loop(0, cfg.hops - 1, lambda h, st: step(h, st, True), state)
+    return step(cfg.hops - 1, state, False)
+
+
+def _forward(q, k, v, seg, cfg: _Cfg):
+    """Returns (out [B,Tl,H,D] q.dtype, lse [B,H,Tl] f32)."""
+    idx = _device_index(cfg)
+    tl = q.shape[1]
+    qt = jnp.swapaxes(q, 1, 2)  # [B, H, Tl, D]: chunks are contiguous slices for the einsums
+    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)  # one array travels: one collective per hop
+    qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
+    o = _vary_like(jnp.zeros(qt.shape, _F32), qt)
+    lse = _vary_like(jnp.full(qt.shape[:-1], -jnp.inf, _F32), qt)
+
+    def step(h, state, send):
+        o, lse, kv, kseg = state
+        kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
+        o, lse = _fwd_hop(qt, kv, qpos, kpos, seg, kseg, o, lse, cfg)
+        if send:
+            kv, kseg = _shift((kv, kseg), cfg, 1)
+        return o, lse, kv, kseg
+
+    o, lse, _, _ = _walk(step, (o, lse, kv, seg), cfg)
+    return jnp.swapaxes(o, 1, 2).astype(q.dtype), lse
+
+
+def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
+    idx = _device_index(cfg)
+    tl = q.shape[1]
+    qt = jnp.swapaxes(q, 1, 2)
+    do = jnp.swapaxes(g, 1, 2)
+    # D_i = rowsum(dO * O), from the output as returned (FlashAttention-2).
+    di = jnp.einsum("bthd,bthd->bht", g.astype(_F32), out.astype(_F32))
+    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)
+    qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
+    dq = _vary_like(jnp.zeros(qt.shape, _F32), qt)
+    dkv = _vary_like(jnp.zeros(kv.shape, _F32), kv)
+
+    def step(h, state, send):
+        dq, kv, dkv, kseg = state
+        kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
+        dkv, dq = _bwd_hop(qt, do, lse, di, kv, qpos, kpos, seg, kseg, dkv, dq, cfg)
+        if send:  # dK/dV travel with their K/V block
+            kv, dkv, kseg = _shift((kv, dkv, kseg), cfg, 1)
+        return dq, kv, dkv, kseg
+
+    dq, _, dkv, _ = _walk(step, (dq, kv, dkv, seg), cfg)
+    # dk/dv now belong to device idx - (hops - 1): send them home.
+    back = -(cfg.hops - 1) % cfg.n
+    if back:
+        dkv = _shift(dkv, cfg, back)
+    dkv = jnp.swapaxes(dkv, 2, 3)
+    return (
+        jnp.swapaxes(dq, 1, 2).astype(q.dtype),
+        dkv[0].astype(k.dtype),
+        dkv[1].astype(v.dtype),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, seg, cfg: _Cfg):
+    return _forward(q, k, v, seg, cfg)[0]
+
+
+def _attention_fwd(q, k, v, seg, cfg: _Cfg):
+    out, lse = _forward(q, k, v, seg, cfg)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _attention_bwd(cfg: _Cfg, res, g):
+    q, k, v, seg, out, lse = res
+    dq, dk, dv = _backward(q, k, v, seg, out, lse, g, cfg)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv):
+    """Validates the arguments (before any tracing work) and builds the static config."""
+    check_layout(layout, stripe)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be [B, T_local, H, D], got shape {jnp.shape(x)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k, v shapes must match, got q{q.shape} k{k.shape} v{v.shape}; ring attention "
+            "needs equal local query and key lengths (project k/v to q's heads first)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one"
+        )
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"dtype {q.dtype} not supported; use float32, bfloat16 or float16")
+    if window is not None:
+        if not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+        if not causal:
+            raise ValueError("window needs causal=True (window semantics: keys p-window+1 .. p)")
+        window = int(window)
+    b, tl = q.shape[:2]
+    if segment_ids is not None:
+        if jnp.shape(segment_ids) != (b, tl):
+            raise ValueError(
+                f"segment_ids must be [B, T_local] = ({b}, {tl}), got {jnp.shape(segment_ids)}"
+            )
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers, got {segment_ids.dtype}")
+    if axis_name is None:
+        n = 1
+    else:
+        try:
+            n = int(jax.lax.axis_size(axis_name))
+        except NameError:
+            raise ValueError(
+                f"mesh axis {axis_name!r} is not bound: call ring_attention inside "
+                f"jax.shard_map over a mesh with an axis named {axis_name!r} (e.g. "
+                f"ring.make_mesh([(DATA, 1), (SEQ, n)])), or use blockwise_attention on one device"
+            ) from None
+    if layout == "striped" and tl % stripe:
+        raise ValueError(
+            f"T_local={tl} is not divisible by stripe={stripe}; pad the sequence to a multiple "
+            f"of n*stripe"
+        )
+    block_q = default_block(tl) if block_q is None else block_q
+    block_kv = default_block(tl) if block_kv is None else block_kv
+    for name, bsz in (("block_q", block_q), ("block_kv", block_kv)):
+        if not isinstance(bsz, (int, np.integer)) or bsz < 1 or tl % bsz:
+            raise ValueError(
+                f"T_local={tl} is not divisible by {name}={bsz}; pick a divisor of {tl} "
+                f"(or None for the default {default_block(tl)})"
+            )
+    hops = num_hops(layout, int(stripe), window, tl, n)
+    return _Cfg(
+        axis_name, n, bool(causal), window, layout, int(stripe), int(block_q), int(block_kv), hops
+    )
+
+
+def ring_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    axis_name: str = SEQ,
+    causal: bool = True,
+    window: int | None = None,
+    segment_ids: jax.Array | None = None,
+    layout: str = "contiguous",
+    stripe: int = 1,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+) -> jax.Array:
+    """Exact attention over the whole ring; call per shard inside `jax.shard_map` over `axis_name`.
+
+    Args:
+      q, k, v: [B, T_local, H, D] local shards (f32, bf16 or f16, one dtype).
+      axis_name: the mesh axis the ring runs over.
+      causal: query at original position p sees keys <= p.
+      window: sliding window in tokens: query at p sees keys p-window+1 .. p (needs causal). Hops
+        that cannot meet any window are not run nor sent.
+      segment_ids: [B, T_local] int; attend only within equal ids. Rows with nothing to see give 0.
+      layout: "contiguous" or "striped" (token i on device (i // stripe) % n; convert global arrays
+        with `ring.layout.to_layout`).
+      stripe: tokens kept together per device in the striped layout.
+      block_q, block_kv: inner chunk sizes; None picks the largest divisor of T_local <= 512.
+
+    Returns:
+      [B, T_local, H, D] in q.dtype.
+
+    Raises:
+      ValueError: axis not bound, bad shapes/dtypes, block sizes not dividing T_local, window < 1,
+        bad segment_ids, unknown layout.
+    """
+    cfg = _make_cfg(
+        q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv
+    )
+    return _attention(q, k, v, segment_ids, cfg)
+
+
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    segment_ids: jax.Array | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+) -> jax.Array:
+    """Single-device blockwise attention: `ring_attention`'s kernel on a ring of one device.
+
+    Args and returns as `ring_attention` on full [B, T, H, D] arrays (no mesh axis needed).
+    """
+    cfg = _make_cfg(q, k, v, segment_ids, None, causal, window, "contiguous", 1, block_q, block_kv)
+    return _attention(q, k, v, segment_ids, cfg)
