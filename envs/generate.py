@@ -261,7 +261,7 @@ def rollout_episodes(
             next_obs, reward, terminated, truncated, _ = envs[i].step(acts[j])
             next_obs = np.asarray(next_obs, np.float32)
             ep = current[i]
-            ep["observations"].append(obs[i])
+            ep["observations"].append(obs[i].copy())  # obs[i] is overwritten below
             ep["next_observations"].append(next_obs)
             ep["actions"].append(acts[j])
             ep["rewards"].append(float(reward))
