@@ -255,15 +255,16 @@ def rollout_episodes(
     active = np.ones(num_envs, bool)
     started, done_steps, finished = num_envs, 0, []
     while active.any():
-        idx = np.flatnonzero(active)
-        acts = np.asarray(policy(obs[idx], rng), np.float32)
-        for j, i in enumerate(idx):
-            next_obs, reward, terminated, truncated, _ = envs[i].step(acts[j])
+        # The policy always sees all rows (finished ones included) so that a jitted policy sees
+        # one batch shape only instead of recompiling as envs finish.
+        acts = np.asarray(policy(obs, rng), np.float32)
+        for i in np.flatnonzero(active):
+            next_obs, reward, terminated, truncated, _ = envs[i].step(acts[i])
             next_obs = np.asarray(next_obs, np.float32)
             ep = current[i]
             ep["observations"].append(obs[i].copy())  # obs[i] is overwritten below
             ep["next_observations"].append(next_obs)
-            ep["actions"].append(acts[j])
+            ep["actions"].append(acts[i])
             ep["rewards"].append(float(reward))
             ep["terminals"].append(bool(terminated))
             ep["timeouts"].append(bool(truncated and not terminated))
