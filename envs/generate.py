@@ -20,6 +20,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from tqdm import tqdm
 
 from envs import darkroom
 from envs.trajectories import Trajectories
@@ -47,6 +48,7 @@ def learning_histories(
     eps_start: float = 1.0,
     eps_end: float = 0.0,
     decay_fraction: float = 0.6,
+    progress: bool = False,
 ) -> Trajectories:
     """Learning histories of epsilon-greedy tabular Q-learning, one independent learner per task.
 
@@ -66,6 +68,7 @@ def learning_histories(
       eps_start: exploration rate of the first episode.
       eps_end: exploration rate after the decay.
       decay_fraction: fraction of the episodes over which epsilon decays.
+      progress: show a tqdm bar over episodes (all tasks advance together).
 
     Returns:
       Trajectories with discrete actions, `task_id` per episode, episodes ordered task by task
@@ -99,7 +102,7 @@ def learning_histories(
     valid = np.zeros((n, episodes, horizon), bool)
     decay_episodes = max(1, int(round(decay_fraction * episodes)))
 
-    for e in range(episodes):
+    for e in tqdm(range(episodes), desc=f"{name} histories", unit="ep", disable=not progress):
         eps = eps_end + (eps_start - eps_end) * max(0.0, 1.0 - e / decay_episodes)
         env.reset()
         active = np.ones(n, bool)

@@ -35,7 +35,7 @@ def histories(args: argparse.Namespace) -> None:
     check_writable(os.path.dirname(os.path.abspath(out)))
     train, heldout = darkroom.task_split(args.kind, train_n, heldout_n, args.seed)
     t0 = time.time()
-    data = generate.learning_histories(args.kind, train, episodes, args.seed)
+    data = generate.learning_histories(args.kind, train, episodes, args.seed, progress=True)
     data.metadata.update(train_tasks=train, heldout_tasks=heldout)
     print(f"{generate.describe_histories(data)} ({time.time() - t0:.1f} s)")
     print(f"held-out tasks {heldout}\nwrote {data.save(out)}")
