@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from tqdm import tqdm
 
 from envs import generate
 
@@ -91,6 +92,8 @@ class Critic(nn.Module):
 
 @struct.dataclass
 class SACState:
+    """Parameters, optimiser states, temperature and rng of one SAC learner (a pytree)."""
+
     step: jax.Array
     actor_params: Any
     critic_params: Any
@@ -249,6 +252,7 @@ class SACRun:
 
     @property
     def done(self) -> bool:
+        """True when training has taken all `total_steps`."""
         return self.step >= self.total_steps
 
 
@@ -389,8 +393,6 @@ def train_sac(
             np_rng_state={},
             env_rng_state=None,
         )
-
-    from tqdm import tqdm  # noqa: PLC0415 (only the collector needs it)
 
     bar = tqdm(
         total=total_steps, initial=run.step, unit="step", disable=not progress, dynamic_ncols=True
