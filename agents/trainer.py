@@ -1,0 +1,354 @@
+"""`train_and_evaluate(config, workdir)`: data, mesh, agent, training loop, evaluation, checkpoints.
+
+One function runs a whole experiment from a config (configs/*.py):
+  1. mesh from `config.mesh` (ring.mesh.make_mesh);
+  2. data: generated in-context learning histories (cached under `config.data.dir`) or a
+     D4RL-schema file;
+  3. the agent (Agentic Transformer, Algorithm Distillation or Decision Transformer: one backbone,
+     three samplers) and its sharded train step;
+  4. the training loop (tqdm bar with step, loss, tokens/s, ETA), metrics to wandb + JSON lines,
+     orbax checkpoints (resumable to the same bits), periodic evaluation;
+  5. a final evaluation in Gymnasium environments, several attempts per environment with earlier
+     attempts in the agent's context; `eval.json` and `returns_by_attempt.png` in the workdir.
+
+Dimension letters: B batch, T steps in the context, S obs dim, A action dim, K attempts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import gymnasium as gym
+import jax
+import ml_collections
+import numpy as np
+
+from agents.checkpoint import Checkpointer
+from agents.logging import MetricLogger
+from agents.sampler import ContextSampler
+from envs import darkroom
+from envs.evaluate import check_env_id, evaluate, format_table
+from envs.trajectories import Trajectories
+from ring.mesh import make_mesh
+
+AGENT_MODES = ("at", "ad", "dt")
+
+
+@dataclasses.dataclass
+class Data:
+    """The training data and what evaluation needs to know about it."""
+
+    trajectories: Trajectories
+    env_id: str  # Gymnasium id to evaluate in
+    train_tasks: list[int] | None  # in-context tasks only
+    heldout_tasks: list[int] | None
+    score_name: str  # name envs.scores looks reference scores up under
+
+
+def _in_context(env: str) -> bool:
+    try:
+        darkroom.canonical_name(env)
+    except ValueError:
+        return False
+    return True
+
+
+def histories_path(config: ml_collections.ConfigDict) -> str:
+    """Cache file of the generated learning histories; the name encodes every generator input."""
+    d = config.data
+    name = darkroom.canonical_name(d.env)
+    return os.path.join(
+        d.dir,
+        f"{name}_histories_train{d.num_train_tasks}of{d.num_train_tasks + d.num_heldout_tasks}"
+        f"_split{d.split_seed}_ep{d.episodes_per_task}_seed{d.history_seed}.hdf5",
+    )
+
+
+def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Data:
+    """Loads the dataset of `config.data`, generating and caching in-context histories if absent.
+
+    Raises:
+      ValueError: an env/dataset that is neither an in-context task nor a loadable D4RL file.
+    """
+    from envs.datasets import load_d4rl
+
+    d = config.data
+    if _in_context(d.env):
+        from envs.generate import learning_histories
+
+        name = darkroom.canonical_name(d.env)
+        train, heldout = darkroom.task_split(
+            name, d.num_train_tasks, d.num_heldout_tasks, seed=d.split_seed
+        )
+        path = histories_path(config)
+        if os.path.exists(path):
+            traj = load_d4rl(path)
+        else:
+            start = time.perf_counter()
+            traj = learning_histories(name, train, d.episodes_per_task, seed=d.history_seed)
+            os.makedirs(d.dir, exist_ok=True)
+            traj.save(path)
+            if verbose and jax.process_index() == 0:
+                print(
+                    f"generated {traj.num_episodes} episodes ({len(train)} goals x "
+                    f"{d.episodes_per_task}) in {time.perf_counter() - start:.1f}s -> {path}"
+                )
+        env_id = darkroom.DARKROOM_ID if name == "darkroom" else darkroom.DARKKEYTODOOR_ID
+        return Data(traj, env_id, train, heldout, score_name=env_id)
+    source = d.path or d.env
+    if not source:
+        raise ValueError("config.data.env and config.data.path are both empty; name a dataset")
+    traj = load_d4rl(source)
+    env_id = config.eval.env_id or _env_id_of(traj, source)
+    check_env_id(env_id)
+    score_name = traj.metadata.get("dataset_name") or source
+    return Data(traj, env_id, None, None, score_name=score_name)
+
+
+def _env_id_of(traj: Trajectories, source: str) -> str:
+    from envs.datasets import D4RL_GYM_IDS
+
+    env_id = traj.metadata.get("env_id")
+    if isinstance(env_id, str) and env_id:
+        return env_id
+    family = os.path.basename(str(source)).split("-")[0].split("_")[0].lower()
+    if family in D4RL_GYM_IDS:
+        return D4RL_GYM_IDS[family]
+    raise ValueError(
+        f"cannot tell which Gymnasium env {source!r} comes from (no metadata/env_id); set "
+        "--config.eval.env_id=Hopper-v5 (for example)"
+    )
+
+
+def make_sampler(config: ml_collections.ConfigDict, data: Data, seed: int) -> ContextSampler:
+    """The context sampler of `config.data.mode` over the training data."""
+    d = config.data
+    if d.mode not in AGENT_MODES:
+        raise ValueError(f"config.data.mode={d.mode!r} is unknown; use one of {AGENT_MODES}")
+    return ContextSampler(
+        data.trajectories,
+        mode=d.mode,
+        num_trajectories=d.num_trajectories,
+        horizon=d.horizon if d.mode != "dt" else None,
+        context_steps=d.context_steps if d.mode == "dt" else None,
+        seed=seed,
+    )
+
+
+def env_horizon(env_id: str) -> int:
+    """Longest episode the env allows (its TimeLimit / own horizon)."""
+    spec = gym.spec(env_id)
+    if spec.max_episode_steps is None:
+        raise ValueError(f"{env_id} has no max_episode_steps; evaluation needs bounded episodes")
+    return int(spec.max_episode_steps)
+
+
+def check_eval_context(config: ml_collections.ConfigDict, env_id: str, attempts: int) -> None:
+    """Refuses an evaluation that needs more context than the model was trained on.
+
+    AT/AD models are trained on contexts of n trajectory slots of `horizon` steps; K attempts
+    fill K slots, so K <= n and every episode must fit its slot. DT acts on a sliding window of its
+    own, so any number of attempts fits (it does not see earlier attempts).
+    """
+    d = config.data
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    if d.mode == "dt":
+        return
+    if attempts > d.num_trajectories:
+        raise ValueError(
+            f"evaluation asks for {attempts} attempts in context but the model was built for "
+            f"n={d.num_trajectories} trajectories (config.data.num_trajectories); use "
+            f"--attempts <= {d.num_trajectories} or train with a larger n"
+        )
+    horizon = env_horizon(env_id)
+    if horizon > d.horizon:
+        raise ValueError(
+            f"{env_id} episodes last up to {horizon} steps but the model's trajectory slots hold "
+            f"{d.horizon} (config.data.horizon); train with horizon >= {horizon}"
+        )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool = False
+) -> dict[str, Any]:
+    """Trains the agent of `config`, evaluates it, and returns the final metrics.
+
+    Args:
+      config: a config from configs/*.py.
+      workdir: run directory (checkpoints/, metrics.jsonl, wandb/, eval.json, PNGs).
+      resume: continue from the latest checkpoint in `workdir/checkpoints` (refused if its config
+        differs in the model or data groups).
+
+    Returns:
+      dict with `step`, the last train metrics (`train/...`) and the final evaluation (`eval/...`
+      scalars plus `eval` = the full `envs.evaluate.evaluate` result).
+
+    Raises:
+      ValueError: bad config, data or mesh (one line naming the fix); a workdir that already has
+        checkpoints without `resume`.
+      agents.checkpoint.ConfigMismatchError: resuming a checkpoint of a different config.
+    """
+    from agents import agent as agent_lib  # the model/step/actor adapter (see agents/agent.py)
+
+    jax.config.update("jax_threefry_partitionable", True)
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    data = load_data(config)
+    check_eval_context(config, data.env_id, config.eval.attempts)
+    sampler = make_sampler(config, data, seed=config.seed)
+    agent = agent_lib.build(config, sampler, mesh)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    state = agent.init_state(jax.random.key(config.seed))
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        raise ValueError(
+            f"{workdir} already has a checkpoint (step {latest}); pass --resume to continue it "
+            "or choose another --workdir"
+        )
+    if resume and latest is not None:
+        state, sampler_state = ckpt.restore(state, config=config)
+        sampler.load_state_dict(sampler_state)
+    logger = MetricLogger(
+        workdir, config, wandb_mode=config.wandb.mode, project=config.wandb.project
+    )
+    try:
+        train_metrics = _train_loop(config, agent, state, sampler, ckpt, logger, data, workdir)
+        state = train_metrics.pop("state")
+        result = evaluate_agent(config, agent, state.params, data)
+        step = int(jax.device_get(state.step))
+        logger.log(step, eval_scalars(result))
+        write_eval(workdir, result)
+        if jax.process_index() == 0:
+            print(format_table(result))
+    finally:
+        logger.close()
+        ckpt.close()
+    return {"step": step, **train_metrics, **eval_scalars(result), "eval": result}
+
+
+def _train_loop(config, agent, state, sampler, ckpt, logger, data, workdir) -> dict[str, Any]:
+    """Runs steps from the state's step to config.num_steps; returns last metrics + state."""
+    from tqdm import tqdm
+
+    start_step = int(jax.device_get(state.step))
+    tokens_per_batch = config.batch_size * sampler.context_steps * agent.tokens_per_step
+    rng = jax.random.key(config.seed + 1)  # per-step keys are fold_in(rng, step) inside the step
+    last: dict[str, Any] = {}
+    bar = tqdm(
+        total=config.num_steps,
+        initial=start_step,
+        desc="train",
+        disable=jax.process_index() != 0 or config.num_steps - start_step <= 1,
+        dynamic_ncols=True,
+    )
+    t0, since = time.perf_counter(), start_step
+    for step in range(start_step, config.num_steps):
+        batch = agent.put_batch(sampler.sample(config.batch_size))
+        state, metrics = agent.train_step(state, batch, rng)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.num_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - t0
+            tok_s = tokens_per_batch * (done - since) / max(elapsed, 1e-9)
+            last = {f"train/{k}": float(np.asarray(v)) for k, v in metrics.items()}
+            last["train/tokens_per_s"] = tok_s
+            logger.log(done, last)
+            bar.set_postfix(
+                loss=f"{last.get('train/loss', float('nan')):.4f}", tok_s=f"{tok_s:.0f}"
+            )
+            t0, since = time.perf_counter(), done
+        bar.update(1)
+        if done % config.checkpoint_every == 0 or done == config.num_steps:
+            ckpt.save(done, state, sampler_state=sampler.state_dict(), config=config)
+        if config.eval.every and done % config.eval.every == 0 and done != config.num_steps:
+            result = evaluate_agent(config, agent, state.params, data)
+            logger.log(done, eval_scalars(result))
+            bar.write(f"step {done}: eval return per attempt {np.round(result['return_mean'], 2)}")
+    bar.close()
+    return {**last, "state": state}
+
+
+def eval_tasks(config: ml_collections.ConfigDict, data: Data) -> list[int] | None:
+    """The task ids to evaluate on (None for single-task envs)."""
+    if data.heldout_tasks is None:
+        return None
+    if config.eval.tasks not in ("heldout", "train"):
+        raise ValueError(f"config.eval.tasks must be 'heldout' or 'train', got {config.eval.tasks}")
+    return data.heldout_tasks if config.eval.tasks == "heldout" else data.train_tasks
+
+
+def eval_reference(config: ml_collections.ConfigDict, data: Data) -> tuple[float, float] | None:
+    """(random, optimal) mean returns of the evaluated in-context tasks; None otherwise."""
+    tasks = eval_tasks(config, data)
+    if tasks is None:
+        return None
+    from envs.generate import random_return
+
+    name = darkroom.canonical_name(data.env_id)
+    optimal = float(np.mean([darkroom.optimal_return(name, t) for t in tasks]))
+    return random_return(name, tasks, seed=0), optimal
+
+
+def evaluate_agent(
+    config: ml_collections.ConfigDict,
+    agent: Any,
+    params: Any,
+    data: Data,
+    *,
+    attempts: int | None = None,
+    num_envs: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Runs the agent in `data.env_id` for K attempts per environment (see envs.evaluate)."""
+    attempts = config.eval.attempts if attempts is None else attempts
+    check_eval_context(config, data.env_id, attempts)
+    tasks = eval_tasks(config, data)
+    reference = eval_reference(config, data)
+    policy = agent.policy(params, target_return=config.eval.target_return)
+    result = evaluate(
+        policy,
+        data.env_id,
+        num_envs=config.eval.num_envs if num_envs is None else num_envs,
+        attempts=attempts,
+        seed=config.eval.seed if seed is None else seed,
+        tasks=tasks,
+        reference=reference,
+        score_name=data.score_name,
+    )
+    if reference is not None:
+        result["reference_random"], result["reference_optimal"] = reference
+    return result
+
+
+def eval_scalars(result: dict[str, Any]) -> dict[str, float]:
+    """Flat `eval/...` scalars of an evaluation result, for logging."""
+    out = {}
+    for k, mean in enumerate(result["return_mean"]):
+        out[f"eval/return_attempt{k + 1}"] = mean
+    for key in (
+        "best_attempt_return_mean",
+        "last_attempt_return_mean",
+        "normalized_best_attempt_return_mean",
+        "normalized_last_attempt_return_mean",
+    ):
+        if result.get(key) is not None:
+            out[f"eval/{key}"] = result[key]
+    return out
+
+
+def write_eval(workdir: str, result: dict[str, Any], name: str = "eval.json") -> str | None:
+    """Writes an evaluation result as JSON (atomic) into the workdir (process 0 only)."""
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path

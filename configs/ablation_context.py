@@ -1,0 +1,52 @@
+r"""Context-length ablation: the DarkRoom agent with n trajectories in context (and a DT baseline).
+
+  python -m experiments.ablate                                    # n in 1,2,4,8,16 x 3 seeds + DT
+  python -m experiments.ablate --config configs/ablation_context.py:smoke --workdir /tmp/abl
+  ringrl-train --config configs/ablation_context.py:n=8,seed=1    # one cell of the table
+
+experiments/ablate.py trains and evaluates `cell(config, n, seed, agent)` for every n and seed in
+`config.ablation` (plus agent="dt", one trajectory window, as the baseline). Everything else
+(data, model size, steps) is shared, so only the context changes across the table.
+"""
+
+import ml_collections
+
+from configs import at_darkroom, common
+
+AGENTS = ("at", "dt")
+
+
+def cell(
+    config: ml_collections.ConfigDict, n: int, seed: int, agent: str = "at"
+) -> ml_collections.ConfigDict:
+    """A copy of `config` for one table cell: n trajectories in context, one seed, AT or DT."""
+    if agent not in AGENTS:
+        raise ValueError(f"ablation agent must be one of {AGENTS}, got {agent!r}")
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    config.name = f"ablation_at_n{n}_seed{seed}" if agent == "at" else f"ablation_dt_seed{seed}"
+    config.seed = seed  # model init and batch sampling
+    config.eval.seed = 100 + 1000 * seed  # evaluation environments
+    config.data.num_trajectories = n
+    config.eval.attempts = n  # the agent with n slots makes n attempts, earlier ones in context
+    if agent == "dt":
+        config.data.mode = "dt"  # one window of one trajectory, return-to-go targets
+        config.data.num_trajectories = 1
+        config.data.context_steps = config.data.horizon  # one whole DarkRoom episode
+        config.eval.attempts = 1  # DT sees no earlier attempt, so one attempt says it all
+    config.lock()
+    return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Args: n (trajectories in context), seed, agent ("at" or "dt"), smoke."""
+    arg = common.parse_arg(arg, n=4, seed=0, agent="at", smoke=False)
+    config = at_darkroom.get_config("smoke" if arg.smoke else None)
+    config.ablation = dict(
+        ns=(1, 2, 4, 8, 16),  # trajectories in context, one trained agent each
+        seeds=(0, 1, 2),  # independent runs per n (goal split fixed; init, batches, eval vary)
+        dt_baseline=True,  # also train DT on one trajectory
+    )
+    if arg.smoke:  # tests/test_configs.py and a seconds-long ablate run
+        config.ablation.ns = (1, 2)
+        config.ablation.seeds = (0,)
+    return cell(config, arg.n, arg.seed, arg.agent)

@@ -1,0 +1,47 @@
+r"""Agentic Transformer on a D4RL-schema dataset: n return-sorted whole trajectories per context.
+
+  ringrl-train --config configs/at_d4rl.py:path=data/hopper-medium-replay-v2.hdf5,n=4 \
+      --workdir runs/at_hopper
+
+n whole trajectories of up to 1000 steps, 4 tokens each step: n=4 is 16k tokens per context, a
+job for several accelerators with config.mesh = [("data", 1), ("seq", -1)]. Evaluation makes
+`attempts` episodes in a row with earlier ones in context (at most n).
+"""
+
+import ml_collections
+
+from configs import common, dt_d4rl
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Args: env (D4RL dataset name), path (HDF5 file; wins over env), n, smoke."""
+    arg = common.parse_arg(arg, env="hopper-medium-replay-v2", path="", n=4, smoke=False)
+    config = dt_d4rl.get_config(f"env={arg.env},path={arg.path}")
+    config.name = "at_d4rl"
+    config.batch_size = 8  # contexts per step (each n * 1000 steps)
+    config.data.mode = "at"  # n trajectories sorted by return, targets relabelled to the best
+    config.data.num_trajectories = arg.n
+    config.data.horizon = 1000  # steps per trajectory slot (MuJoCo time limit)
+    config.data.context_steps = 0  # unused by "at" (context = n * horizon)
+    config.model.num_heads = 4
+    config.model.layout = "striped"  # balances causal work over the ring
+    config.model.remat = "nothing_saveable"  # long contexts: recompute blocks in the backward
+    config.eval.attempts = arg.n  # attempts in a row, earlier ones in context
+    config.mesh = [("data", 1), ("seq", -1)]  # the ring spans every device
+
+    if arg.smoke:  # a few CPU seconds; tests/test_configs.py
+        config.num_steps = 2
+        config.batch_size = 8
+        config.log_every = 1
+        config.checkpoint_every = 2
+        config.eval.every = 0
+        config.data.num_trajectories = 2
+        config.data.horizon = 16  # trajectory slots of 16 steps ...
+        config.eval.max_steps = 16  # ... so evaluation episodes are capped at 16 steps
+        config.model.embed_dim = 16
+        config.model.num_layers = 1
+        config.model.remat = "none"
+        config.eval.attempts = 2
+        config.eval.num_envs = 2
+        config.mesh = [("data", -1), ("seq", 1)]
+    return config
