@@ -57,7 +57,7 @@ def test_histories_replay_in_gym_env(env_id):
 
 
 def test_keytodoor_histories_learn_and_terminate():
-    data = generate.learning_histories("darkkeytodoor", [5, 999, 4321], 400, seed=0)
+    data = generate.learning_histories("darkkeytodoor", [5, 999, 4321], 200, seed=0)
     s = generate.history_summary(data)
     assert s["last_return"] > 1.8 and s["first_return"] < 1.0
     assert (
