@@ -230,10 +230,12 @@ class VectorDarkRoom:
 
     def __init__(self, env_name: str, tasks: np.ndarray | list[int]):
         self.name = canonical_name(env_name)
-        self.tasks = [_check_task(self.name, t) for t in np.asarray(tasks).ravel().tolist()]
+        self.tasks = np.asarray(tasks).ravel().tolist()
         if not self.tasks:
             raise ValueError("VectorDarkRoom needs at least one task")
-        cells = np.stack([task_cells(self.name, t) for t in self.tasks])  # [N, C, 2]
+        unique, inverse = np.unique(np.asarray(self.tasks), return_inverse=True)
+        unique = [_check_task(self.name, t) for t in unique.tolist()]
+        cells = np.stack([task_cells(self.name, t) for t in unique])[inverse]  # [N, C, 2]
         self.goal = cells[:, 0]
         self.door = cells[:, 1] if self.name == "darkkeytodoor" else None
         self.horizon = HORIZON[self.name]
@@ -256,6 +258,14 @@ class VectorDarkRoom:
     def state_index(self) -> np.ndarray:
         """Tabular state id per row: y * 9 + x, plus 81 when the key is held. int64 [N]."""
         return self.pos[:, 1] * SIZE + self.pos[:, 0] + SIZE * SIZE * self.has_key
+
+    def set_state_index(self, index: np.ndarray) -> None:
+        """Puts row i in tabular state index[i] (inverse of `state_index`; the step count is 0)."""
+        index = np.asarray(index, np.int64)
+        cell = index % (SIZE * SIZE)
+        self.pos = np.stack([cell % SIZE, cell // SIZE], axis=1)
+        self.has_key = index >= SIZE * SIZE
+        self.t = np.zeros(self.num_envs, np.int64)
 
     @property
     def num_states(self) -> int:
@@ -291,6 +301,16 @@ class VectorDarkRoom:
             terminated = at_door
         truncated = ~terminated & (self.t >= self.horizon)
         return self.obs(), rewards, terminated, truncated
+
+
+def state_observations(env_name: str, index: np.ndarray) -> np.ndarray:
+    """Observations [..., 2 or 3] float32 of tabular state ids (`VectorDarkRoom.state_index`)."""
+    index = np.asarray(index, np.int64)
+    cell = index % (SIZE * SIZE)
+    cols = [cell % SIZE, cell // SIZE]
+    if canonical_name(env_name) == "darkkeytodoor":
+        cols.append(index >= SIZE * SIZE)
+    return np.stack(cols, axis=-1).astype(np.float32)
 
 
 def _register() -> None:

@@ -89,41 +89,48 @@ def learning_histories(
         )
     episodes = int(episodes_per_task)
     env = darkroom.VectorDarkRoom(name, tasks)
-    n, horizon, obs_dim = env.num_envs, env.horizon, env.obs_dim
+    n, horizon, num_actions = env.num_envs, env.horizon, len(darkroom.MOVES)
+    next_state, reward, terminal = transition_tables(env)
+    start = env.state_index()[0]
     rng = np.random.default_rng(seed)
-    q = np.zeros((n, env.num_states, len(darkroom.MOVES)))
+    q = np.zeros((n, env.num_states, num_actions))
     rows = np.arange(n)
 
-    obs = np.zeros((n, episodes, horizon, obs_dim), np.float32)
+    states = np.zeros((n, episodes, horizon), np.int64)
     actions = np.zeros((n, episodes, horizon), np.int64)
     rewards = np.zeros((n, episodes, horizon), np.float32)
     terminals = np.zeros((n, episodes, horizon), bool)
-    timeouts = np.zeros((n, episodes, horizon), bool)
     valid = np.zeros((n, episodes, horizon), bool)
     decay_episodes = max(1, int(round(decay_fraction * episodes)))
 
     for e in tqdm(range(episodes), desc=f"{name} histories", unit="ep", disable=not progress):
         eps = eps_end + (eps_start - eps_end) * max(0.0, 1.0 - e / decay_episodes)
-        env.reset()
+        # All of an episode's random draws at once: the step loop is the hot path.
+        explore = rng.random((horizon, n)) < eps
+        random_actions = rng.integers(0, num_actions, (horizon, n))
+        tie_noise = rng.random((horizon, n, num_actions))
+        s = np.full(n, start)
         active = np.ones(n, bool)
         for t in range(horizon):
-            s = env.state_index()
-            obs[:, e, t] = env.obs()
-            explore = rng.random(n) < eps
-            a = np.where(explore, rng.integers(0, len(darkroom.MOVES), n), _greedy(q[rows, s], rng))
-            _, r, term, trunc = env.step(a)
-            s2 = env.state_index()
+            qs = q[rows, s]
+            greedy = np.argmax((qs == qs.max(axis=1, keepdims=True)) * tie_noise[t], axis=1)
+            a = np.where(explore[t], random_actions[t], greedy)
+            s2, r, term = next_state[rows, s, a], reward[rows, s, a], terminal[rows, s, a]
             target = r + gamma * q[rows, s2].max(axis=1) * ~term
             # Rows whose episode already ended keep stepping (cheaper than compacting) but are
             # neither learned from nor recorded.
-            q[rows, s, a] += np.where(active, lr * (target - q[rows, s, a]), 0.0)
-            actions[:, e, t], rewards[:, e, t] = a, r
-            terminals[:, e, t], timeouts[:, e, t] = term & active, trunc & active
+            q[rows, s, a] += np.where(active, lr * (target - qs[rows, a]), 0.0)
+            states[:, e, t], actions[:, e, t], rewards[:, e, t] = s, a, r
+            terminals[:, e, t] = term & active
             valid[:, e, t] = active
-            active &= ~(term | trunc)
+            active &= ~term
+            s = s2
             if not active.any():
                 break
 
+    timeouts = np.zeros_like(valid)
+    timeouts[:, :, -1] = valid[:, :, -1] & ~terminals[:, :, -1]  # still running at the horizon
+    obs = darkroom.state_observations(name, states[valid])
     lengths = valid.sum(axis=2).reshape(-1)  # [n * episodes], task-major
     starts = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=starts[1:])
@@ -143,7 +150,7 @@ def learning_histories(
         "ref_max_score": float(np.mean([darkroom.optimal_return(name, t) for t in env.tasks])),
     }
     return Trajectories(
-        observations=obs[valid],
+        observations=obs,
         actions=actions[valid],
         rewards=rewards[valid],
         terminals=terminals[valid],
@@ -151,6 +158,28 @@ def learning_histories(
         episode_starts=starts,
         task_id=task_arr,
         metadata=metadata,
+    )
+
+
+def transition_tables(env: darkroom.VectorDarkRoom) -> tuple[np.ndarray, ...]:
+    """Tabular dynamics of every row of `env`, read off `env.step` itself (so they cannot drift).
+
+    Returns:
+      (next_state int64, reward float32, terminated bool), each [N, num_states, num_actions],
+      indexed by `env.state_index()` values.
+    """
+    num_states, num_actions = env.num_states, len(darkroom.MOVES)
+    probe = darkroom.VectorDarkRoom(env.name, np.repeat(env.tasks, num_states * num_actions))
+    state = np.tile(np.repeat(np.arange(num_states), num_actions), env.num_envs)
+    probe.set_state_index(state)
+    _, reward, terminated, _ = probe.step(
+        np.tile(np.arange(num_actions), env.num_envs * num_states)
+    )
+    shape = (env.num_envs, num_states, num_actions)
+    return (
+        probe.state_index().reshape(shape),
+        reward.reshape(shape),
+        terminated.reshape(shape),
     )
 
 

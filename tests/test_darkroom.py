@@ -142,3 +142,12 @@ def test_vector_env_matches_gym_env(env_id):
             vec.reset(ended), np.stack([e.unwrapped._obs() for e in envs])
         )
     assert saw_reward and saw_trunc and (saw_term or name == "darkroom")
+
+
+@pytest.mark.parametrize("name", ["darkroom", "darkkeytodoor"])
+def test_state_index_round_trip(name):
+    vec = darkroom.VectorDarkRoom(name, [3] * (2 * 81))
+    index = np.arange(vec.num_states).repeat(2)[: vec.num_envs]
+    vec.set_state_index(index)
+    np.testing.assert_array_equal(vec.state_index(), index)
+    np.testing.assert_array_equal(vec.obs(), darkroom.state_observations(name, index))
