@@ -386,9 +386,14 @@ def loss(
 
 def init_params(model: Backbone, rng: jax.Array, obs_dim: int) -> Any:
     """Initial parameters (host, unsharded) from a one-step dummy batch; shapes only matter."""
-    dummy = dummy_batch(model, obs_dim, batch_size=1, steps=1)
     small = model.clone(attention="dense", layout="contiguous")
-    return small.init(rng, dummy)["params"]
+
+    # Jitted: op-by-op init of a few hundred tiny arrays is slower than one small compile.
+    @jax.jit
+    def init(rng):
+        return small.init(rng, dummy_batch(model, obs_dim, batch_size=1, steps=1))["params"]
+
+    return init(rng)
 
 
 def dummy_batch(model: Backbone, obs_dim: int, batch_size: int, steps: int) -> dict[str, Any]:

@@ -1,0 +1,74 @@
+"""Cached acting equals recomputing the full context each step, across steps and attempts."""
+
+import jax
+import numpy as np
+import pytest
+
+from agents import act, at, backbone
+from ring.mesh import make_mesh
+
+B, S, A = 2, 2, 3
+ATTEMPT_LENGTHS = (3, 4)  # two attempts; the first ends early (done) after 3 steps
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = at.make_model(
+        action_dim=A,
+        discrete=True,
+        num_trajectories=2,
+        horizon=4,
+        embed_dim=16,
+        num_layers=2,
+        num_heads=2,
+        windows=(None, 10),  # one global and one sliding-window layer
+    )
+    return model, backbone.init_params(model, jax.random.key(0), obs_dim=S)
+
+
+@pytest.mark.parametrize("seq", [1, 4])
+def test_cached_actor_matches_full_recompute(model_and_params, seq):
+    model, params = model_and_params
+    mesh = make_mesh([("data", 1), ("seq", seq)], jax.devices("cpu")[:seq])
+    max_steps = sum(ATTEMPT_LENGTHS) + 1
+    actor = at.make_actor(model, mesh, attempts=2, horizon=4)
+    assert actor.capacity >= 4 * max_steps
+    state = actor.reset(B)
+    # The recompute baseline sees the same history packed as sampler steps, attempts back to back.
+    history = {
+        k: np.array(v)
+        for k, v in backbone.dummy_batch(model, S, batch_size=B, steps=max_steps).items()
+    }
+    history["mask"][:] = False
+    recompute = jax.jit(lambda p, h, i: act.recompute_predict(model, p, h, i, mesh))
+    rng = np.random.default_rng(0)
+    step = 0
+    for attempt, length in enumerate(ATTEMPT_LENGTHS):
+        for t in range(length):
+            obs = rng.normal(size=(B, S)).astype(np.float32)
+            target = np.full((B,), 2.5, np.float32)
+            action, pred, state = actor.act_with_prediction(params, state, obs, target)
+            for key, value in dict(
+                observations=obs, target_returns=target, timesteps=t, traj_index=attempt, mask=1
+            ).items():
+                history[key][:, step] = value
+            want = recompute(params, history, step)
+            np.testing.assert_allclose(pred, want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(action, np.argmax(np.asarray(want), -1))
+            reward = rng.normal(size=B).astype(np.float32)
+            done = np.full((B,), t == length - 1)
+            history["actions"][:, step] = np.asarray(action)
+            history["rewards"][:, step] = reward
+            history["done"][:, step] = done
+            state = actor.observe(state, reward, done)
+            step += 1
+    np.testing.assert_array_equal(np.asarray(state.attempt), [2, 2])
+
+
+def test_actor_errors(model_and_params):
+    model, _ = model_and_params
+    mesh = make_mesh([("data", 2), ("seq", 1)], jax.devices("cpu")[:2])
+    with pytest.raises(ValueError, match="attempts"):
+        at.make_actor(model, mesh, attempts=3, horizon=4)
+    with pytest.raises(ValueError, match="multiple"):
+        at.make_actor(model, mesh, attempts=2, horizon=4).reset(3)
