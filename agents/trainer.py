@@ -36,6 +36,8 @@ from envs.trajectories import Trajectories
 from ring.mesh import make_mesh
 
 AGENT_MODES = ("at", "ad", "dt")
+_STEP_CACHE: dict[tuple, Any] = {}  # jitted train steps by (model, optim, num_steps, mesh)
+_ACTOR_CACHE: dict[tuple, Any] = {}  # cached-decoding actors by (model, mesh, context, ...)
 
 
 @dataclasses.dataclass
@@ -98,6 +100,8 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
                     f"{d.episodes_per_task}) in {time.perf_counter() - start:.1f}s -> {path}"
                 )
         env_id = darkroom.DARKROOM_ID if name == "darkroom" else darkroom.DARKKEYTODOOR_ID
+        env_id = config.eval.env_id or env_id
+        check_env_id(env_id)
         return Data(traj, env_id, train, heldout, score_name=env_id)
     source = d.path or d.env
     if not source:
@@ -139,38 +143,172 @@ def make_sampler(config: ml_collections.ConfigDict, data: Data, seed: int) -> Co
     )
 
 
-def env_horizon(env_id: str) -> int:
-    """Longest episode the env allows (its TimeLimit / own horizon)."""
+def env_horizon(env_id: str, max_steps: int = 0) -> int:
+    """Longest evaluation episode: the env's time limit, capped at `max_steps` if > 0."""
     spec = gym.spec(env_id)
-    if spec.max_episode_steps is None:
-        raise ValueError(f"{env_id} has no max_episode_steps; evaluation needs bounded episodes")
-    return int(spec.max_episode_steps)
+    limit = spec.max_episode_steps
+    if max_steps > 0:
+        return int(max_steps) if limit is None else min(int(max_steps), int(limit))
+    if limit is None:
+        raise ValueError(
+            f"{env_id} has no time limit; set --config.eval.max_steps to bound evaluation episodes"
+        )
+    return int(limit)
+
+
+def _env_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {"max_episode_steps": int(config.eval.max_steps)} if config.eval.max_steps > 0 else {}
 
 
 def check_eval_context(config: ml_collections.ConfigDict, env_id: str, attempts: int) -> None:
-    """Refuses an evaluation that needs more context than the model was trained on.
+    """Refuses an evaluation that needs more context than the model was built for.
 
     AT/AD models are trained on contexts of n trajectory slots of `horizon` steps; K attempts
-    fill K slots, so K <= n and every episode must fit its slot. DT acts on a sliding window of its
-    own, so any number of attempts fits (it does not see earlier attempts).
+    fill K slots, so K <= n, and every episode must fit a slot (the timestep table has `horizon`
+    rows, for DT too). DT keeps each attempt in its own context, so any number of attempts fits.
+
+    Raises:
+      ValueError: one line naming the sizes and the fix.
     """
     d = config.data
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
-    if d.mode == "dt":
-        return
-    if attempts > d.num_trajectories:
+    if d.mode != "dt" and attempts > d.num_trajectories:
         raise ValueError(
             f"evaluation asks for {attempts} attempts in context but the model was built for "
             f"n={d.num_trajectories} trajectories (config.data.num_trajectories); use "
             f"--attempts <= {d.num_trajectories} or train with a larger n"
         )
-    horizon = env_horizon(env_id)
+    horizon = env_horizon(env_id, config.eval.max_steps)
     if horizon > d.horizon:
         raise ValueError(
-            f"{env_id} episodes last up to {horizon} steps but the model's trajectory slots hold "
-            f"{d.horizon} (config.data.horizon); train with horizon >= {horizon}"
+            f"{env_id} episodes last up to {horizon} steps but the model was built for "
+            f"{d.horizon} (config.data.horizon); set --config.eval.max_steps <= {d.horizon} or "
+            f"train with horizon >= {horizon}"
         )
+
+
+class ActorPolicy:
+    """`envs.evaluate.Policy` over the agents' cached `Actor`: the context of every environment
+    (all its earlier attempts) stays in the sharded KV cache between calls.
+
+    Target-return tokens: AT gets `target_return` at every step (its training targets are the
+    best return among the context's trajectories); AD gets 0 (not return-conditioned); DT gets
+    the return-to-go, `target_return` minus the rewards collected so far in the attempt.
+    """
+
+    def __init__(self, actor: Any, params: Any, mode: str, target_return: float, seed: int):
+        self.actor, self.params, self.mode = actor, params, mode
+        self.target = 0.0 if mode == "ad" else float(target_return)
+        self.seed = seed
+
+    def reset(self, num_envs: int) -> None:
+        self.state = self.actor.reset(num_envs)
+        self.rtg = np.full(num_envs, self.target, np.float32)
+        self.rng = jax.random.key(self.seed)
+        self.calls = 0
+
+    def act(self, observation: np.ndarray, active: np.ndarray) -> np.ndarray:
+        rng = jax.random.fold_in(self.rng, self.calls)
+        self.calls += 1
+        action, self.state = self.actor.act(self.params, self.state, observation, self.rtg, rng)
+        return np.asarray(jax.device_get(action))
+
+    def observe(self, reward: np.ndarray, done: np.ndarray, active: np.ndarray) -> None:
+        self.state = self.actor.observe(self.state, reward, done)
+        if self.mode == "dt":
+            self.rtg = np.where(done, self.target, self.rtg - reward).astype(np.float32)
+
+
+class Agent:
+    """The model, train state, sharded train step and cached actor of `config` (agents.at/dt)."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        sampler: ContextSampler,
+        mesh: jax.sharding.Mesh,
+        env_id: str,
+    ) -> None:
+        from agents import at, dt, train
+
+        self.config, self.sampler, self.mesh, self.env_id = config, sampler, mesh, env_id
+        self._train = train
+        d = config.data
+        space = _action_space(env_id)
+        discrete = isinstance(space, gym.spaces.Discrete)
+        if discrete != sampler.discrete:
+            raise ValueError(
+                f"the data has {'discrete' if sampler.discrete else 'continuous'} actions but "
+                f"{env_id} has {space}; evaluate in the env the data came from"
+            )
+        action_dim = int(space.n) if discrete else int(np.prod(space.shape))
+        kwargs = config.model.to_dict()
+        if d.mode == "dt":
+            self.model = dt.make_model(
+                action_dim=action_dim,
+                discrete=discrete,
+                context_steps=d.context_steps,
+                max_timestep=d.horizon,
+                **kwargs,
+            )
+        else:
+            self.model = at.make_model(
+                action_dim=action_dim,
+                discrete=discrete,
+                num_trajectories=d.num_trajectories,
+                horizon=d.horizon,
+                **kwargs,
+            )
+        self.tokens_per_step = self.model.tokens_per_step
+        # Runs with the same model, optimizer and mesh (ablation seeds, smoke tests) share one
+        # jitted step and so one compilation.
+        key = (repr(self.model), json.dumps(config.optim.to_dict()), config.num_steps, mesh)
+        if key not in _STEP_CACHE:
+            _STEP_CACHE[key] = train.make_train_step(self.model, config, mesh)
+        self.train_step = _STEP_CACHE[key]
+
+    def init_state(self, rng: jax.Array) -> Any:
+        """A fresh TrainState, replicated on the mesh."""
+        return self._train.init_state(self.model, self.config, self.mesh, rng, self.sampler.obs_dim)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A host batch placed on the mesh, P(DATA, SEQ)."""
+        return self._train.put_batch(batch, self.mesh)
+
+    @property
+    def data_size(self) -> int:
+        """Size of the mesh's data axis (environments per actor batch must be a multiple)."""
+        from ring.mesh import DATA
+
+        return int(self.mesh.shape[DATA])
+
+    def policy(
+        self, params: Any, *, attempts: int, target_return: float, sample: bool, seed: int
+    ) -> ActorPolicy:
+        """A cached-actor policy holding `attempts` episodes of at most the env's horizon."""
+        from agents import act
+
+        horizon = env_horizon(self.env_id, self.config.eval.max_steps)
+        isolate = self.config.data.mode == "dt"
+        key = (repr(self.model), self.mesh, attempts * horizon, isolate, sample)
+        if key not in _ACTOR_CACHE:  # one actor (one compile) per model and context size
+            _ACTOR_CACHE[key] = act.Actor(
+                self.model,
+                self.mesh,
+                max_steps=attempts * horizon,
+                isolate_attempts=isolate,
+                greedy=not sample,
+            )
+        return ActorPolicy(_ACTOR_CACHE[key], params, self.config.data.mode, target_return, seed)
+
+
+def _action_space(env_id: str) -> gym.Space:
+    env = gym.make(env_id)
+    try:
+        return env.action_space
+    finally:
+        env.close()
 
 
 def train_and_evaluate(
@@ -193,8 +331,6 @@ def train_and_evaluate(
         checkpoints without `resume`.
       agents.checkpoint.ConfigMismatchError: resuming a checkpoint of a different config.
     """
-    from agents import agent as agent_lib  # the model/step/actor adapter (see agents/agent.py)
-
     jax.config.update("jax_threefry_partitionable", True)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -202,7 +338,7 @@ def train_and_evaluate(
     data = load_data(config)
     check_eval_context(config, data.env_id, config.eval.attempts)
     sampler = make_sampler(config, data, seed=config.seed)
-    agent = agent_lib.build(config, sampler, mesh)
+    agent = Agent(config, sampler, mesh, data.env_id)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     state = agent.init_state(jax.random.key(config.seed))
@@ -265,6 +401,9 @@ def _train_loop(config, agent, state, sampler, ckpt, logger, data, workdir) -> d
             )
             t0, since = time.perf_counter(), done
         bar.update(1)
+        if step == start_step:  # the first step compiles; tokens/s counts from after it
+            jax.block_until_ready(state.step)
+            t0, since = time.perf_counter(), done
         if done % config.checkpoint_every == 0 or done == config.num_steps:
             ckpt.save(done, state, sampler_state=sampler.state_dict(), config=config)
         if config.eval.every and done % config.eval.every == 0 and done != config.num_steps:
@@ -311,14 +450,24 @@ def evaluate_agent(
     check_eval_context(config, data.env_id, attempts)
     tasks = eval_tasks(config, data)
     reference = eval_reference(config, data)
-    policy = agent.policy(params, target_return=config.eval.target_return)
+    seed = config.eval.seed if seed is None else seed
+    num_envs = config.eval.num_envs if num_envs is None else num_envs
+    num_envs = -(-num_envs // agent.data_size) * agent.data_size  # whole DATA shards
+    policy = agent.policy(
+        params,
+        attempts=attempts,
+        target_return=config.eval.target_return,
+        sample=config.eval.sample,
+        seed=seed,
+    )
     result = evaluate(
         policy,
         data.env_id,
-        num_envs=config.eval.num_envs if num_envs is None else num_envs,
+        num_envs=num_envs,
         attempts=attempts,
-        seed=config.eval.seed if seed is None else seed,
+        seed=seed,
         tasks=tasks,
+        env_kwargs=_env_kwargs(config),
         reference=reference,
         score_name=data.score_name,
     )
@@ -352,3 +501,52 @@ def write_eval(workdir: str, result: dict[str, Any], name: str = "eval.json") ->
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
     return path
+
+
+def evaluate_checkpoint(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    attempts: int | None = None,
+    **eval_overrides: Any,
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """Restores a run's checkpoint and evaluates it (what `ringrl-eval` does).
+
+    Args:
+      workdir: the run directory (with checkpoints/).
+      step: checkpoint step (default: latest).
+      config: if given, must agree with the stored config in the model/data groups.
+      attempts: attempts per environment (default: the stored config.eval.attempts).
+      **eval_overrides: config.eval fields to change (tasks, seed, num_envs, env_id, ...).
+
+    Returns:
+      (the config used, the evaluation result).
+
+    Raises:
+      FileNotFoundError: no checkpoint. ValueError: a config mismatch, an unknown env id, too
+        many attempts for the model, unknown override fields.
+    """
+    jax.config.update("jax_threefry_partitionable", True)
+    ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"))
+    try:
+        saved = ckpt.saved_config(step)
+        if config is not None:
+            ckpt.check_config(config, step)
+        stored = ml_collections.ConfigDict(saved)
+        for key, value in eval_overrides.items():
+            if key not in stored.eval:
+                raise ValueError(f"config.eval has no field {key!r}; have {sorted(stored.eval)}")
+            stored.eval[key] = value
+        stored.lock()
+        attempts = stored.eval.attempts if attempts is None else attempts
+        if stored.eval.env_id:
+            check_env_id(stored.eval.env_id)
+        mesh = make_mesh(stored.mesh)
+        data = load_data(stored, verbose=False)
+        check_eval_context(stored, data.env_id, attempts)
+        agent = Agent(stored, make_sampler(stored, data, seed=stored.seed), mesh, data.env_id)
+        state, _ = ckpt.restore(agent.init_state(jax.random.key(stored.seed)), step=step)
+    finally:
+        ckpt.close()
+    return stored, evaluate_agent(stored, agent, state.params, data, attempts=attempts)

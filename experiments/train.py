@@ -30,7 +30,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
+    from absl import logging
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     jax.config.update("jax_threefry_partitionable", True)
     from agents.trainer import train_and_evaluate
     from experiments import plots

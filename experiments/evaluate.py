@@ -1,0 +1,84 @@
+r"""ringrl-eval: evaluate a trained checkpoint in Gymnasium environments, several attempts each.
+
+  ringrl-eval --workdir runs/at_darkroom                       # the run's own eval settings
+  ringrl-eval --workdir runs/at_darkroom --attempts 2 --tasks train --num_envs 8 --seed 7
+
+The config comes from the checkpoint; `--config` (optional) must agree with it in its model and
+data fields. Writes <workdir>/eval_<tasks>_k<attempts>_s<seed>.json and a PNG of the return per
+attempt, and prints the table. Bad input gives one line and exit code 2.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import common
+
+DEFAULT_CONFIG = "configs/at_darkroom.py"
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    common.resolve_config_path(DEFAULT_CONFIG),
+    "checked against the checkpoint",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory with checkpoints/", required=True)
+_ATTEMPTS = flags.DEFINE_integer("attempts", None, "attempts per env (default: config.eval)")
+_NUM_ENVS = flags.DEFINE_integer("num_envs", None, "envs acting together (default: config.eval)")
+_SEED = flags.DEFINE_integer("seed", None, "environment seed (default: config.eval.seed)")
+_TASKS = flags.DEFINE_enum("tasks", None, ["heldout", "train"], "in-context goals to evaluate on")
+_ENV_ID = flags.DEFINE_string("env_id", None, "Gymnasium id to act in (default: the data's env)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+    jax.config.update("jax_threefry_partitionable", True)
+    from agents.trainer import evaluate_checkpoint, write_eval
+    from envs.evaluate import format_table
+    from experiments import plots
+
+    overrides = {
+        "attempts": _ATTEMPTS.value,
+        "num_envs": _NUM_ENVS.value,
+        "seed": _SEED.value,
+        "tasks": _TASKS.value,
+        "env_id": _ENV_ID.value,
+    }
+    check = _CONFIG.value if flags.FLAGS["config"].present else None
+    try:
+        config, result = evaluate_checkpoint(
+            _WORKDIR.value,
+            step=_STEP.value,
+            config=check,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit 2
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    if jax.process_index() == 0:
+        tag = f"{config.eval.tasks}_k{result['attempts']}_s{config.eval.seed}"
+        path = write_eval(_WORKDIR.value, result, f"eval_{tag}.json")
+        png = plots.returns_by_attempt(
+            {f"{config.data.mode.upper()}, n={config.data.num_trajectories}": result},
+            os.path.join(_WORKDIR.value, f"returns_by_attempt_{tag}.png"),
+            title=f"{result['env_id']} ({config.eval.tasks} tasks)",
+            reference=result.get("reference_optimal"),
+        )
+        print(format_table(result))
+        print(f"wrote {path} and {png}")
+
+
+def run() -> None:
+    """Console-script entry point (ringrl-eval)."""
+    common.run(main, default=DEFAULT_CONFIG)
+
+
+if __name__ == "__main__":
+    run()
