@@ -5,7 +5,7 @@ import pytest
 
 from configs import common
 
-CONFIG_TEXT = '''
+CONFIG_TEXT = """
 import ml_collections
 from configs import common
 
@@ -16,7 +16,7 @@ def get_config(arg=None):
     config.data = dict(n=arg.n, env=arg.env)
     config.optim = dict(lr=1e-3 if not arg.smoke else 1e-2, steps=10)
     return config
-'''
+"""
 
 
 @pytest.fixture()
@@ -35,8 +35,12 @@ def test_parse_arg_types_and_flags():
 
 @pytest.mark.parametrize(
     "arg, match",
-    [("m=3", "unknown config arg 'm'"), ("n=abc", "is not a int"), ("n", "needs a value"),
-     ("smoke=maybe", "not a boolean")],
+    [
+        ("m=3", "unknown config arg 'm'"),
+        ("n=abc", "is not a int"),
+        ("n", "needs a value"),
+        ("smoke=maybe", "not a boolean"),
+    ],
 )
 def test_parse_arg_errors(arg, match):
     with pytest.raises(ValueError, match=match):
