@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 # decide the parameter shapes and the data the parameters were fit to. Optimizer, logging, eval
 # and mesh fields may change on resume (e.g. a longer schedule, another device count).
 MATCH_GROUPS = ("model", "data")
+# Fields inside those groups that do not change what was learned (where a cache lives).
+IGNORE_KEYS = ("data.dir",)
 
 
 class ConfigMismatchError(ValueError):
@@ -78,7 +80,11 @@ def config_mismatch(
     # Tuples become lists in JSON; compare the JSON forms so that is not a difference.
     current_flat = {k: _from_jsonable(_to_jsonable(v)) for k, v in current_flat.items()}
     keys = sorted(set(saved_flat) | set(current_flat))
-    return [k for k in keys if saved_flat.get(k, "<absent>") != current_flat.get(k, "<absent>")]
+    return [
+        k
+        for k in keys
+        if k not in IGNORE_KEYS and saved_flat.get(k, "<absent>") != current_flat.get(k, "<absent>")
+    ]
 
 
 def _is_key(x: Any) -> bool:

@@ -83,6 +83,9 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
         from envs.generate import learning_histories
 
         name = darkroom.canonical_name(d.env)
+        env_id = darkroom.DARKROOM_ID if name == "darkroom" else darkroom.DARKKEYTODOOR_ID
+        env_id = config.eval.env_id or env_id
+        check_env_id(env_id)  # before generating anything
         train, heldout = darkroom.task_split(
             name, d.num_train_tasks, d.num_heldout_tasks, seed=d.split_seed
         )
@@ -99,9 +102,6 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
                     f"generated {traj.num_episodes} episodes ({len(train)} goals x "
                     f"{d.episodes_per_task}) in {time.perf_counter() - start:.1f}s -> {path}"
                 )
-        env_id = darkroom.DARKROOM_ID if name == "darkroom" else darkroom.DARKKEYTODOOR_ID
-        env_id = config.eval.env_id or env_id
-        check_env_id(env_id)
         return Data(traj, env_id, train, heldout, score_name=env_id)
     source = d.path or d.env
     if not source:
@@ -334,20 +334,22 @@ def train_and_evaluate(
     jax.config.update("jax_threefry_partitionable", True)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(config.mesh)
-    data = load_data(config)
-    check_eval_context(config, data.env_id, config.eval.attempts)
-    sampler = make_sampler(config, data, seed=config.seed)
-    agent = Agent(config, sampler, mesh, data.env_id)
-
+    # Cheap checks first: the workdir's checkpoints, the mesh, the data, the evaluation context.
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    state = agent.init_state(jax.random.key(config.seed))
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         raise ValueError(
             f"{workdir} already has a checkpoint (step {latest}); pass --resume to continue it "
             "or choose another --workdir"
         )
+    if resume and latest is not None:
+        ckpt.check_config(config)
+    mesh = make_mesh(config.mesh)
+    data = load_data(config)
+    check_eval_context(config, data.env_id, config.eval.attempts)
+    sampler = make_sampler(config, data, seed=config.seed)
+    agent = Agent(config, sampler, mesh, data.env_id)
+    state = agent.init_state(jax.random.key(config.seed))
     if resume and latest is not None:
         state, sampler_state = ckpt.restore(state, config=config)
         sampler.load_state_dict(sampler_state)

@@ -1,0 +1,84 @@
+"""Bad input at the command line: one clear line on stderr and exit code 2, before any training.
+
+ringrl-train is called in-process (absl main, SystemExit caught); ringrl-eval, whose flags would
+clash with ringrl-train's in one process, runs once as a subprocess.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from agents.checkpoint import Checkpointer
+from configs import at_darkroom
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+    """A workdir whose checkpoint was written with at_darkroom:smoke (n=2)."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = at_darkroom.get_config("smoke")
+    ckpt = Checkpointer(workdir / "checkpoints")
+    ckpt.save(1, {"step": jnp.int32(1)}, sampler_state={}, config=config)
+    ckpt.close()
+    return workdir
+
+
+def test_train_bad_input(smoke_workdir, tmp_path, monkeypatch, capsys):
+    from agents.checkpoint import ConfigMismatchError
+    from agents.trainer import train_and_evaluate
+    from experiments import train
+
+    # Through the CLI (config flags parse once per process, so once here).
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "ringrl-train",
+            "--config=configs/at_darkroom.py:smoke",
+            "--config.eval.env_id=ringrl/DarkRom-v0",
+            f"--workdir={tmp_path / 'a'}",
+        ],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train.run()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: unknown environment id 'ringrl/DarkRom-v0'; did you mean")
+
+    # The same except-branch of the CLI turns these into one line and exit 2.
+    other = at_darkroom.get_config("smoke")
+    with other.unlocked():
+        other.data.num_trajectories = 3
+        other.data.dir = str(tmp_path / "data")
+    with pytest.raises(ConfigMismatchError, match=r"differs in data\.num_trajectories\); "):
+        train_and_evaluate(other, smoke_workdir, resume=True)
+    with pytest.raises(ValueError, match="already has a checkpoint .step 1.; pass --resume"):
+        train_and_evaluate(at_darkroom.get_config("smoke"), smoke_workdir)
+    assert not os.path.exists(tmp_path / "data")  # refused before generating data
+
+
+def test_eval_more_attempts_than_context(smoke_workdir, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            f"--workdir={smoke_workdir}",
+            "--attempts=5",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1
+    assert "5 attempts in context but the model was built for n=2 trajectories" in lines[0]
