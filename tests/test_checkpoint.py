@@ -144,3 +144,47 @@ def test_refuses_other_config_and_restores_onto_mesh(tmp_path):
     np.testing.assert_array_equal(kernel, state.params["params"]["layers_0"]["kernel"])
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
     ckpt.close()
+
+
+def test_trainer_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch):
+    """train_and_evaluate killed right after checkpoint k, resumed to N: bitwise equal params."""
+    from agents import trainer
+    from configs import at_darkroom
+
+    config = at_darkroom.get_config("smoke")
+    with config.unlocked():
+        config.num_steps, config.checkpoint_every = 4, 2
+        config.data.dir = str(tmp_path / "data")
+        config.mesh = [("data", 1), ("seq", 4)]  # as tests/test_configs.py: shares its compiles
+    trainer.train_and_evaluate(config, tmp_path / "straight")
+
+    real_save = Checkpointer.save
+
+    def save_then_die(self, step, *args, **kwargs):
+        real_save(self, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt  # the process is killed right after checkpoint 2
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, tmp_path / "killed")
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert Checkpointer(tmp_path / "killed" / "checkpoints").latest_step() == 2
+    result = trainer.train_and_evaluate(config, tmp_path / "killed", resume=True)
+    assert result["step"] == 4
+
+    data = trainer.load_data(config, verbose=False)
+    mesh = make_mesh(config.mesh)
+    agent = trainer.Agent(config, trainer.make_sampler(config, data, 0), mesh, data.env_id)
+    target = agent.init_state(jax.random.key(0))
+    restored = [
+        Checkpointer(tmp_path / run / "checkpoints").restore(target, step=4)
+        for run in ("straight", "killed")
+    ]
+    (a, sampler_a), (b, sampler_b) = restored
+    assert int(a.step) == int(b.step) == 4
+    for x, y in zip(
+        jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert sampler_a == sampler_b
