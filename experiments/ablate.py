@@ -1,13 +1,10 @@
-r"""Context-length ablation: return on held-out DarkRoom goals vs n trajectories in context.
+r"""ringrl-ablate: held-out DarkRoom return vs n trajectories in context (+ a DT baseline).
 
-  python -m experiments.ablate                       # configs/ablation_context.py, runs/ablation
-  python -m experiments.ablate --config configs/ablation_context.py:smoke --workdir /tmp/abl
-  python -m experiments.ablate --config.ablation.ns=1,2,4 --config.ablation.seeds=0,1
+  ringrl-ablate                                   # configs/ablation_context.py, runs/ablation
+  ringrl-ablate --config configs/ablation_context.py:smoke --workdir /tmp/abl
 
-Trains one agent per (n, seed) cell in <workdir>/<cell name> (a finished cell, i.e. one with an
-eval.json, is reused, so an interrupted ablation continues where it stopped), evaluates it on the
-held-out goals with n attempts, and prints mean ± std over seeds of the last attempt's return
-(the agent having read its n-1 earlier attempts), plus attempt 1 and the best attempt. Writes
+One agent per (n, seed) in <workdir>/<cell> (cells with an eval.json are reused), evaluated with n
+attempts; prints mean ± std over seeds of attempt 1, the last and the best attempt; writes
 ablation.json and return_vs_context.png.
 """
 
@@ -28,7 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-cell runs")
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def _stats(results: list[dict], key) -> dict[str, float]:
+    values = [key(r) for r in results]
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
 
 
@@ -63,35 +61,30 @@ def main(argv: list[str]) -> None:
             evals[(n, seed, agent)] = json.load(f)
 
     def summary(keys):
-        results = [evals[k] for k in keys]
-        return {
-            "last": _stats([r["last_attempt_return_mean"] for r in results]),
-            "first": _stats([r["return_mean"][0] for r in results]),
-            "best": _stats([r["best_attempt_return_mean"] for r in results]),
-        }
-
-    rows = [
-        {"n": n, **summary([(n, s, "at") for s in base.ablation.seeds])} for n in base.ablation.ns
-    ]
-    dt = summary([(1, s, "dt") for s in base.ablation.seeds]) if base.ablation.dt_baseline else None
-    optimal = next(iter(evals.values())).get("reference_optimal")
-    print(
-        f"held-out return, mean ± std over seeds {tuple(base.ablation.seeds)} "
-        f"(optimal {optimal:.2f}):"
-        if optimal
-        else "return, mean ± std over seeds:"
-    )
-    print(f"{'agent':>8} {'n':>3}  {'attempt 1':>13}  {'last attempt':>13}  {'best attempt':>13}")
-    fmt = lambda s: f"{s['mean']:6.2f} ± {s['std']:<4.2f}"
-    for row in rows:
-        print(
-            f"{'AT':>8} {row['n']:>3}  {fmt(row['first'])}  {fmt(row['last'])}  {fmt(row['best'])}"
+        rs = [evals[k] for k in keys]
+        firsts = ("first", lambda r: r["return_mean"][0])
+        lasts, bests = (
+            ("last", lambda r: r["last_attempt_return_mean"]),
+            ("best", lambda r: r["best_attempt_return_mean"]),
         )
-    if dt:
-        print(f"{'DT':>8} {1:>3}  {fmt(dt['first'])}  {fmt(dt['last'])}  {fmt(dt['best'])}")
+        return {name: _stats(rs, key) for name, key in (firsts, lasts, bests)}
+
+    seeds = base.ablation.seeds
+    rows = [{"n": n, **summary([(n, s, "at") for s in seeds])} for n in base.ablation.ns]
+    dt = summary([(1, s, "dt") for s in seeds]) if base.ablation.dt_baseline else None
+    print(
+        f"held-out return, mean ± std over seeds {tuple(seeds)}; optimal "
+        f"{next(iter(evals.values())).get('reference_optimal')}"
+    )
+    print(f"{'agent':>5} {'n':>3}  {'attempt 1':>13}  {'last attempt':>13}  {'best attempt':>13}")
+    for name, row in [("AT", r) for r in rows] + ([("DT", {"n": 1, **dt})] if dt else []):
+        cols = "  ".join(
+            f"{row[c]['mean']:6.2f} ± {row[c]['std']:<4.2f}" for c in ("first", "last", "best")
+        )
+        print(f"{name:>5} {row['n']:>3}  {cols}")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "ablation.json.tmp"), "w") as f:
-        json.dump({"rows": rows, "dt": dt, "optimal": optimal}, f, indent=1)
+        json.dump({"rows": rows, "dt": dt}, f, indent=1)
     os.replace(os.path.join(root, "ablation.json.tmp"), os.path.join(root, "ablation.json"))
     png = plots.return_vs_context(
         [{"n": r["n"], **r["last"]} for r in rows],
