@@ -170,17 +170,19 @@ def _slice(x, start, size, axis):
 def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
     """Merges attention of all local queries vs one key/value block into the running (o, lse).
 
-    q: [B, H, Tl, D]; kv: [2, B, H, Tl, D]; o: [B, H, Tl, D] f32; lse: [B, H, Tl] f32.
+    Arrays stay token-major as given (no whole-shard transposes: they would cost O(T/n) temp
+    memory); only chunk-sized operands are rearranged for the matmuls.
+    q: [B, Tl, H, D]; kv: [2, B, Tl, H, D]; o: [B, Tl, H, D] f32; lse: [B, Tl, H] f32.
     """
     bq, bk = cfg.block_q, cfg.block_kv
-    nq = q.shape[2] // bq
+    nq = q.shape[1] // bq
     scale = q.shape[-1] ** -0.5
     ne = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
     lo, hi = _ranges(ne)
 
     def q_step(a, carry):
         o, lse = carry
-        qc = _slice(q, a * bq, bq, 2).astype(_F32) * scale
+        qc = jnp.swapaxes(_slice(q, a * bq, bq, 1), 1, 2).astype(_F32) * scale  # [B, H, bq, D]
         qp = _slice(qpos, a * bq, bq, 0)
         qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
 
@@ -188,9 +190,9 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
             def compute(st):
                 acc, m, l = st
                 _count_pair("fwd")
-                kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)
-                vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
-                s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc)
+                kc = _slice(kv[0], c * bk, bk, 1).astype(_F32)  # [B, bk, H, D]
+                vc = _slice(kv[1], c * bk, bk, 1).astype(_F32)
+                s = jnp.einsum("bhqd,bkhd->bhqk", qc, kc)
                 kp = _slice(kpos, c * bk, bk, 0)
                 ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
                 mask = _pair_mask(qp, kp, qs, ks, cfg)
@@ -201,7 +203,7 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
                 p = jnp.exp(s - m_safe[..., None])
                 corr = jnp.exp(m - m_safe)
                 l = l * corr + p.sum(-1)
-                acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p, vc)
+                acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vc)
                 return acc, m_new, l
 
             if qseg is None:  # the range [lo, hi) is exactly the non-empty pairs
@@ -209,16 +211,20 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
             return jax.lax.cond(ne[a, c], compute, lambda st: st, st)
 
         acc0 = _vary_like(jnp.zeros(qc.shape, _F32), qc)
-        m0 = jnp.full(qc.shape[:-1], -jnp.inf, _F32)
-        m0 = _vary_like(m0, qc)
+        m0 = _vary_like(jnp.full(qc.shape[:-1], -jnp.inf, _F32), qc)
         l0 = _vary_like(jnp.zeros(qc.shape[:-1], _F32), qc)
         acc, m, l = jax.lax.fori_loop(lo[a], hi[a], kv_step, (acc0, m0, l0))
         ok = l > 0
         lse_c = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
         o_c = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
-        o_c, lse_c = merge(_slice(o, a * bq, bq, 2), _slice(lse, a * bq, bq, 2), o_c, lse_c)
-        o = jax.lax.dynamic_update_slice_in_dim(o, o_c, a * bq, 2)
-        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, a * bq, 2)
+        o_c, lse_c = merge(
+            _slice(o, a * bq, bq, 1),
+            _slice(lse, a * bq, bq, 1),
+            jnp.swapaxes(o_c, 1, 2),
+            jnp.swapaxes(lse_c, 1, 2),
+        )
+        o = jax.lax.dynamic_update_slice_in_dim(o, o_c, a * bq, 1)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, a * bq, 1)
         return o, lse
 
     def run(carry):
@@ -228,66 +234,69 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
     return jax.lax.cond(ne.any(), run, lambda c: c, (o, lse))
 
 
-def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkv, dq, cfg: _Cfg):
+def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
     """Adds one key/value block's contribution to dq and to that block's travelling dk/dv.
 
     FlashAttention-2 backward per chunk pair: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
     dS = P * (dP - D) with D = rowsum(dO * O), dQ += dS K * scale, dK += dS^T Q * scale.
-    q, do: [B, H, Tl, D]; lse, di: [B, H, Tl] f32; kv: [2, B, H, Tl, D]; dkv: [2, B, H, Tl, D] f32;
-    dq: [B, H, Tl, D] f32.
+    dK and dV are accumulated transposed (dV^T += dO^T P) so that no product needs the large
+    [bq, bk] operand transposed (XLA:CPU copies it otherwise).
+
+    q, do: [B, Tl, H, D]; lse, di: [B, Tl, H] f32; kv: [2, B, Tl, H, D];
+    dkvT: [2, B, H, D, Tl] f32; dq: [B, Tl, H, D] f32.
     """
     bq, bk = cfg.block_q, cfg.block_kv
-    nk = kv.shape[3] // bk
+    nk = kv.shape[2] // bk
     scale = q.shape[-1] ** -0.5
     ne = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
     lo, hi = _ranges(ne.T)
-    # Rows that see no key at all have lse = -inf; +inf makes their P exactly 0.
-    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
 
     def kv_step(c, carry):
-        dkv, dq = carry
-        kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)
-        vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
+        dkvT, dq = carry
+        kc = jnp.swapaxes(_slice(kv[0], c * bk, bk, 1), 1, 2).astype(_F32)  # [B, H, bk, D]
+        vc = jnp.swapaxes(_slice(kv[1], c * bk, bk, 1), 1, 2).astype(_F32)
         kp = _slice(kpos, c * bk, bk, 0)
         ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
-        dk_c = _slice(dkv[0], c * bk, bk, 2)
-        dv_c = _slice(dkv[1], c * bk, bk, 2)
+        dkv_c = _slice(dkvT, c * bk, bk, 4)  # [2, B, H, D, bk]
 
         def q_step(a, st):
             def compute(st):
-                dk_c, dv_c, dq = st
+                dkv_c, dq = st
                 _count_pair("bwd")
-                qc = _slice(q, a * bq, bq, 2).astype(_F32)
-                doc = _slice(do, a * bq, bq, 2).astype(_F32)
-                lse_c = _slice(lse, a * bq, bq, 2)
-                di_c = _slice(di, a * bq, bq, 2)
+                qc = _slice(q, a * bq, bq, 1).astype(_F32)  # [B, bq, H, D]
+                doc = _slice(do, a * bq, bq, 1).astype(_F32)
+                lse_c = jnp.swapaxes(_slice(lse, a * bq, bq, 1), 1, 2)  # [B, H, bq]
+                # Rows that see no key at all have lse = -inf; +inf makes their P exactly 0.
+                lse_c = jnp.where(jnp.isfinite(lse_c), lse_c, jnp.inf)
+                di_c = jnp.swapaxes(_slice(di, a * bq, bq, 1), 1, 2)
                 qp = _slice(qpos, a * bq, bq, 0)
                 qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
-                s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc) * scale
+                s = jnp.einsum("bqhd,bhkd->bhqk", qc, kc) * scale
                 mask = _pair_mask(qp, kp, qs, ks, cfg)
                 if mask is not None:
                     s = jnp.where(mask, s, -jnp.inf)
                 p = jnp.exp(s - lse_c[..., None])
-                dv_c = dv_c + jnp.einsum("bhqk,bhqd->bhkd", p, doc)
-                dp = jnp.einsum("bhqd,bhkd->bhqk", doc, vc)
+                dvT = jnp.einsum("bqhd,bhqk->bhdk", doc, p)
+                dp = jnp.einsum("bqhd,bhkd->bhqk", doc, vc)
                 ds = p * (dp - di_c[..., None])
-                dq_c = _slice(dq, a * bq, bq, 2) + jnp.einsum("bhqk,bhkd->bhqd", ds, kc) * scale
-                dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, a * bq, 2)
-                dk_c = dk_c + jnp.einsum("bhqk,bhqd->bhkd", ds, qc) * scale
-                return dk_c, dv_c, dq
+                dq_c = jnp.einsum("bhqk,bhkd->bqhd", ds, kc) * scale
+                dq_c = _slice(dq, a * bq, bq, 1) + dq_c
+                dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, a * bq, 1)
+                dkT = jnp.einsum("bqhd,bhqk->bhdk", qc, ds) * scale
+                return dkv_c + jnp.stack([dkT, dvT]), dq
 
             if qseg is None:
                 return compute(st)
             return jax.lax.cond(ne[a, c], compute, lambda st: st, st)
 
-        dk_c, dv_c, dq = jax.lax.fori_loop(lo[c], hi[c], q_step, (dk_c, dv_c, dq))
-        dkv = jax.lax.dynamic_update_slice_in_dim(dkv, jnp.stack([dk_c, dv_c]), c * bk, 3)
-        return dkv, dq
+        dkv_c, dq = jax.lax.fori_loop(lo[c], hi[c], q_step, (dkv_c, dq))
+        dkvT = jax.lax.dynamic_update_slice_in_dim(dkvT, dkv_c, c * bk, 4)
+        return dkvT, dq
 
     def run(carry):
         return jax.lax.fori_loop(0, nk, kv_step, carry)
 
-    return jax.lax.cond(ne.any(), run, lambda c: c, (dkv, dq))
+    return jax.lax.cond(ne.any(), run, lambda c: c, (dkvT, dq))
 
 
 def _device_index(cfg: _Cfg):
@@ -318,58 +327,52 @@ def _walk(step, state, cfg: _Cfg):
 
 
 def _forward(q, k, v, seg, cfg: _Cfg):
-    """Returns (out [B,Tl,H,D] q.dtype, lse [B,H,Tl] f32)."""
+    """Returns (out [B, Tl, H, D] in q.dtype, lse [B, Tl, H] f32)."""
     idx = _device_index(cfg)
     tl = q.shape[1]
-    qt = jnp.swapaxes(q, 1, 2)  # [B, H, Tl, D]: chunks are contiguous slices for the einsums
-    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)  # one array travels: one collective per hop
+    kv = jnp.stack([k, v])  # one array travels: one collective per hop
     qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
-    o = _vary_like(jnp.zeros(qt.shape, _F32), qt)
-    lse = _vary_like(jnp.full(qt.shape[:-1], -jnp.inf, _F32), qt)
+    o = _vary_like(jnp.zeros(q.shape, _F32), q)
+    lse = _vary_like(jnp.full(q.shape[:-1], -jnp.inf, _F32), q)
 
     def step(h, state, send):
         o, lse, kv, kseg = state
         kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
-        o, lse = _fwd_hop(qt, kv, qpos, kpos, seg, kseg, o, lse, cfg)
+        o, lse = _fwd_hop(q, kv, qpos, kpos, seg, kseg, o, lse, cfg)
         if send:
             kv, kseg = _shift((kv, kseg), cfg, 1)
         return o, lse, kv, kseg
 
     o, lse, _, _ = _walk(step, (o, lse, kv, seg), cfg)
-    return jnp.swapaxes(o, 1, 2).astype(q.dtype), lse
+    return o.astype(q.dtype), lse
 
 
 def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
     idx = _device_index(cfg)
-    tl = q.shape[1]
-    qt = jnp.swapaxes(q, 1, 2)
-    do = jnp.swapaxes(g, 1, 2)
+    b, tl, h, d = q.shape
     # D_i = rowsum(dO * O), from the output as returned (FlashAttention-2).
-    di = jnp.einsum("bthd,bthd->bht", g.astype(_F32), out.astype(_F32))
-    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)
+    di = jnp.einsum("bthd,bthd->bth", g.astype(_F32), out.astype(_F32))
+    kv = jnp.stack([k, v])
     qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
-    dq = _vary_like(jnp.zeros(qt.shape, _F32), qt)
-    dkv = _vary_like(jnp.zeros(kv.shape, _F32), kv)
+    dq = _vary_like(jnp.zeros(q.shape, _F32), q)
+    dkvT = _vary_like(jnp.zeros((2, b, h, d, tl), _F32), q)
 
-    def step(h, state, send):
-        dq, kv, dkv, kseg = state
-        kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
-        dkv, dq = _bwd_hop(qt, do, lse, di, kv, qpos, kpos, seg, kseg, dkv, dq, cfg)
+    def step(hop, state, send):
+        dq, kv, dkvT, kseg = state
+        kpos = local_positions((idx - hop) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
+        dkvT, dq = _bwd_hop(q, g, lse, di, kv, qpos, kpos, seg, kseg, dkvT, dq, cfg)
         if send:  # dK/dV travel with their K/V block
-            kv, dkv, kseg = _shift((kv, dkv, kseg), cfg, 1)
-        return dq, kv, dkv, kseg
+            kv, dkvT, kseg = _shift((kv, dkvT, kseg), cfg, 1)
+        return dq, kv, dkvT, kseg
 
-    dq, _, dkv, _ = _walk(step, (dq, kv, dkv, seg), cfg)
+    dq, _, dkvT, _ = _walk(step, (dq, kv, dkvT, seg), cfg)
     # dk/dv now belong to device idx - (hops - 1): send them home.
     back = -(cfg.hops - 1) % cfg.n
     if back:
-        dkv = _shift(dkv, cfg, back)
-    dkv = jnp.swapaxes(dkv, 2, 3)
-    return (
-        jnp.swapaxes(dq, 1, 2).astype(q.dtype),
-        dkv[0].astype(k.dtype),
-        dkv[1].astype(v.dtype),
-    )
+        dkvT = _shift(dkvT, cfg, back)
+    dk = jnp.transpose(dkvT[0], (0, 3, 1, 2)).astype(k.dtype)  # [B, Tl, H, D]
+    dv = jnp.transpose(dkvT[1], (0, 3, 1, 2)).astype(v.dtype)
+    return dq.astype(q.dtype), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
