@@ -110,6 +110,7 @@ class Actor:
         self.n_data = n_data
         self._env = NamedSharding(mesh, P(DATA))
         self._rep = NamedSharding(mesh, P())
+        self._default_rng = jax.device_put(jax.random.key(0), self._rep)
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         self._observe = jax.jit(self._observe_impl, donate_argnums=(0,))
 
@@ -183,8 +184,8 @@ class Actor:
         """Like `act`, also returning the raw prediction (logits or tanh mean) [B, A]."""
         obs = jax.device_put(jnp.asarray(observation, jnp.float32), self._env)
         target = jax.device_put(jnp.asarray(target_return, jnp.float32), self._env)
-        if rng is None:
-            rng = jax.device_put(jax.random.key(0), self._rep)
+        if rng is None:  # unused by a greedy actor; one fixed key avoids a transfer per step
+            rng = self._default_rng
         return self._step(params, state, obs, target, rng)
 
     def observe(
