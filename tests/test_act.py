@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from agents import act, at, backbone
+from agents import act, at, backbone, dt
 from ring.mesh import make_mesh
 
 B, S, A = 2, 2, 3
@@ -72,3 +72,32 @@ def test_actor_errors(model_and_params):
         at.make_actor(model, mesh, attempts=3, horizon=4)
     with pytest.raises(ValueError, match="multiple"):
         at.make_actor(model, mesh, attempts=2, horizon=4).reset(3)
+
+
+def test_dt_actor_isolates_attempts_continuous():
+    """DT: each attempt is its own context; continuous (tanh) actions."""
+    model = dt.make_model(
+        action_dim=A, discrete=False, context_steps=3, max_timestep=8, embed_dim=16,
+        num_layers=1, num_heads=2,
+    )  # fmt: skip
+    params = backbone.init_params(model, jax.random.key(1), obs_dim=S)
+    mesh = make_mesh([("data", 1), ("seq", 1)], jax.devices("cpu")[:1])
+    actor = dt.make_actor(model, mesh, max_steps=8)
+    state = actor.reset(B)
+    history = {k: np.array(v) for k, v in backbone.dummy_batch(model, S, B, 4).items()}
+    recompute = jax.jit(lambda p, h, i: act.recompute_predict(model, p, h, i, mesh))
+    rng = np.random.default_rng(1)
+    for length in (2, 4):
+        history["mask"][:] = False  # the recompute sees the current attempt only
+        for t in range(length):
+            obs = rng.normal(size=(B, S)).astype(np.float32)
+            rtg = rng.normal(size=B).astype(np.float32)
+            action, pred, state = actor.act_with_prediction(params, state, obs, rtg)
+            for key, value in dict(
+                observations=obs, target_returns=rtg, timesteps=t, mask=1
+            ).items():
+                history[key][:, t] = value
+            np.testing.assert_allclose(pred, recompute(params, history, t), rtol=1e-5, atol=1e-5)
+            assert np.all(np.abs(np.asarray(action)) <= 1)
+            history["actions"][:, t] = np.asarray(action)
+            state = actor.observe(state, np.zeros(B, np.float32), np.full(B, t == length - 1))
