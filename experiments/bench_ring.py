@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--repeats-long", type=int, default=1, help="timed runs per cell at T >= 65536"
     )
-    parser.add_argument("--block", type=int, default=512, help="our block_q = block_kv")
+    parser.add_argument("--block", type=int, default=256, help="our block_q = block_kv")
     parser.add_argument(
         "--dense-limit-gb", type=float, default=4.0, help="run dense only if its temp fits"
     )
