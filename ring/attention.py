@@ -312,18 +312,25 @@ def _shift(x, cfg: _Cfg, shift: int):
 
 
 def _walk(step, state, cfg: _Cfg):
-    """Runs `step(h, state, send)` for hops h = 0 .. hops-1; `send` is False on the last hop.
+    """Runs `step(h, state, send)` for hops h = 0 .. hops-1, never sending after the last hop.
 
-    One or two hops are unrolled; longer rings use a loop (one compiled copy of the hop kernel
-    plus the final hop, whatever n is). The last hop never sends: with a window of <= T_local
-    the forward pass makes exactly one collective permute.
+    One or two hops are unrolled (`send` a Python bool): with a window of <= T_local the forward
+    pass then makes exactly one collective permute. Longer rings run one loop over all hops with
+    the send under `lax.cond(h < hops - 1)` (every device takes the same branch), so the hop
+    kernel is compiled once whatever n is.
     """
     if cfg.hops <= 2:
         for h in range(cfg.hops):
             state = step(h, state, h < cfg.hops - 1)
         return state
-    state = jax.lax.fori_loop(0, cfg.hops - 1, lambda h, st: step(h, st, True), state)
-    return step(cfg.hops - 1, state, False)
+    return jax.lax.fori_loop(0, cfg.hops, lambda h, st: step(h, st, h < cfg.hops - 1), state)
+
+
+def _maybe_shift(x, cfg: _Cfg, send):
+    """`_shift(x, cfg, 1)` if `send` (a Python or traced bool), else x."""
+    if isinstance(send, bool):
+        return _shift(x, cfg, 1) if send else x
+    return jax.lax.cond(send, lambda y: _shift(y, cfg, 1), lambda y: y, x)
 
 
 def _forward(q, k, v, seg, cfg: _Cfg):
@@ -339,8 +346,7 @@ def _forward(q, k, v, seg, cfg: _Cfg):
         o, lse, kv, kseg = state
         kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
         o, lse = _fwd_hop(q, kv, qpos, kpos, seg, kseg, o, lse, cfg)
-        if send:
-            kv, kseg = _shift((kv, kseg), cfg, 1)
+        kv, kseg = _maybe_shift((kv, kseg), cfg, send)
         return o, lse, kv, kseg
 
     o, lse, _, _ = _walk(step, (o, lse, kv, seg), cfg)
@@ -361,8 +367,8 @@ def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
         dq, kv, dkvT, kseg = state
         kpos = local_positions((idx - hop) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
         dkvT, dq = _bwd_hop(q, g, lse, di, kv, qpos, kpos, seg, kseg, dkvT, dq, cfg)
-        if send:  # dK/dV travel with their K/V block
-            kv, dkvT, kseg = _shift((kv, dkvT, kseg), cfg, 1)
+        # dK/dV travel with their K/V block.
+        kv, dkvT, kseg = _maybe_shift((kv, dkvT, kseg), cfg, send)
         return dq, kv, dkvT, kseg
 
     dq, _, dkvT, _ = _walk(step, (dq, kv, dkvT, seg), cfg)
