@@ -109,9 +109,7 @@ class ContextSampler:
         else:
             task_id = np.asarray(task_id)
             if task_id.shape != (num_episodes,):
-                raise ValueError(
-                    f"task_id has shape {task_id.shape}, expected ({num_episodes},)"
-                )
+                raise ValueError(f"task_id has shape {task_id.shape}, expected ({num_episodes},)")
             groups = [np.flatnonzero(task_id == t) for t in np.unique(task_id)]
         if mode == "ad":
             groups = [g for g in groups if len(g) >= self.num_trajectories]
