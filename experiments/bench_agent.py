@@ -235,7 +235,7 @@ def main() -> None:
         ring, dense = rows[tokens, "ring"], rows[tokens, "dense"]
         rel = "-" if None in (ring["tok_s"], dense["tok_s"]) else (
             f"{ring['tok_s'] / dense['tok_s']:.2f}")  # fmt: skip
-        print(f"  {tokens:>6} tokens: mem ring/dense = {ring['mem_gib'] / dense['mem_gib']:.3f}"
+        print(f"  {tokens:>6} tokens: mem ring/dense = {ring['mem_gib'] / dense['mem_gib']:.2g}"
               f"   tok/s ring/dense = {rel}")  # fmt: skip
 
 
