@@ -90,12 +90,21 @@ def reference_scores(name_or_data: str | os.PathLike | Trajectories) -> tuple[fl
         what = f"these Trajectories (metadata keys: {sorted(name_or_data.metadata)})"
     else:
         s = os.fspath(name_or_data)
-        ref = d4rl_reference(s)
         what = repr(s)
-        if ref is None and os.path.isfile(s) and h5py.is_hdf5(s):
+        ref = None
+        if os.path.isfile(s) and h5py.is_hdf5(s):  # a file's own references win
             with h5py.File(s, "r") as f:
                 metadata = read_metadata(f["metadata"]) if "metadata" in f else {}
             ref = _from_metadata(metadata)
+        # Our generated sets ("hopper-medium-ringrl-v0") carry their own references: never fall
+        # back to D4RL's, which were measured with other policies.
+        if ref is None and "ringrl" not in os.path.basename(s):
+            ref = d4rl_reference(s)
+    if ref is None and not isinstance(name_or_data, Trajectories) and "ringrl" in what:
+        raise ValueError(
+            f"no reference scores for {what}: generated ringrl datasets carry their own in the "
+            "file's metadata; fix: pass the dataset's file path (e.g. data/<name>.hdf5)"
+        )
     if ref is None:
         known = ", ".join(sorted(D4RL_REF_SCORES)) + ", " + ", ".join(sorted(GYM_TO_D4RL))
         raise ValueError(

@@ -435,6 +435,9 @@ class Trajectories:
                 f.create_dataset("metadata/episode_starts", data=self.episode_starts)
                 for key, value in self.metadata.items():
                     _write_metadata(f, f"metadata/{key}", value)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a dataset is shared like any file
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

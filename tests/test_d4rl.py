@@ -1,5 +1,7 @@
 """D4RL HDF5 loader: episode splits, transitions, name resolution and bad input."""
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -267,6 +269,14 @@ def test_dataset_reference_scores(tmp_path):
     assert normalized_score(tr, 25.0) == pytest.approx(75.0)
     path = tr.save(tmp_path / "gen.hdf5")
     assert normalized_score(path, 20.0) == pytest.approx(50.0)
+    # A file's own references win over the D4RL table even when its name looks like D4RL's.
+    path = tr.save(tmp_path / "hopper-medium-ringrl-v0.hdf5")
+    assert reference_scores(path) == (10.0, 30.0)
+    with pytest.raises(ValueError, match="generated ringrl datasets carry their own"):
+        reference_scores("hopper-medium-ringrl-v0")  # a bare name must not fall back to D4RL's
+    import stat
+
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o044  # readable by others (umask permitting)
     tr.metadata = {"env_id": "Hopper-v5"}
     assert reference_scores(tr) == (-20.272305, 3234.3)
     tr.metadata = {}
