@@ -112,7 +112,9 @@ def _vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
 
 
 def _chunk_plan(qpos, kpos, qseg, kseg, cfg: _Cfg):
-    """Which chunk pairs have at least one visible (query, key) pair: bool [nq, nk].
+    """Which chunk pairs have at least one visible (query, key) pair, and which have all visible.
+
+    Returns bool [nq, nk] arrays (non-empty, full); `full` ignores segment ids.
 
     Positions are increasing within a device for both layouts, so per-chunk min/max tests are
     exact for causal/window edges of contiguous chunks and conservative otherwise. Note `<=`: the
@@ -123,10 +125,13 @@ def _chunk_plan(qpos, kpos, qseg, kseg, cfg: _Cfg):
     qmin, qmax = qc[:, 0], qc[:, -1]
     kmin, kmax = kc[:, 0], kc[:, -1]
     ne = jnp.ones((nq, nk), bool)
+    full = jnp.ones((nq, nk), bool)  # every (q, k) pair visible: no mask needed
     if cfg.causal:
         ne &= kmin[None, :] <= qmax[:, None]
+        full &= kmax[None, :] <= qmin[:, None]
     if cfg.window is not None:
         ne &= kmax[None, :] > qmin[:, None] - cfg.window
+        full &= kmin[None, :] > qmax[:, None] - cfg.window
     if qseg is not None:
         b = qseg.shape[0]
         qs = qseg.reshape(b, nq, cfg.block_q)
@@ -135,7 +140,7 @@ def _chunk_plan(qpos, kpos, qseg, kseg, cfg: _Cfg):
         klo, khi = ks.min(-1), ks.max(-1)
         overlap = (qhi[:, :, None] >= klo[:, None, :]) & (qlo[:, :, None] <= khi[:, None, :])
         ne &= overlap.any(0)
-    return ne
+    return ne, full
 
 
 def _ranges(ne: jax.Array):
@@ -163,6 +168,20 @@ def _pair_mask(qp, kp, qs, ks, cfg: _Cfg):
     return mask
 
 
+def _dispatch(compute, nonempty, full, st, has_seg: bool, cfg: _Cfg):
+    """Runs one chunk pair inside the [lo, hi) range of possibly non-empty pairs.
+
+    Without segment ids the range holds only non-empty pairs; pairs entirely below the diagonal
+    (and inside the window) skip the mask arithmetic. With segment ids the range may contain
+    empty pairs (id ranges that do not overlap), skipped here.
+    """
+    if has_seg:
+        return jax.lax.cond(nonempty, compute, lambda st: st, st)
+    if not cfg.causal:  # no position mask at all
+        return compute(st, masked=False)
+    return jax.lax.cond(full, lambda st: compute(st, masked=False), compute, st)
+
+
 def _slice(x, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
@@ -177,7 +196,7 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
     bq, bk = cfg.block_q, cfg.block_kv
     nq = q.shape[1] // bq
     scale = q.shape[-1] ** -0.5
-    ne = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
+    ne, full = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
     lo, hi = _ranges(ne)
 
     def q_step(a, carry):
@@ -187,7 +206,7 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
         qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
 
         def kv_step(c, st):
-            def compute(st):
+            def compute(st, masked=True):
                 acc, m, l = st
                 _count_pair("fwd")
                 kc = _slice(kv[0], c * bk, bk, 1).astype(_F32)  # [B, bk, H, D]
@@ -195,7 +214,7 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
                 s = jnp.einsum("bhqd,bkhd->bhqk", qc, kc)
                 kp = _slice(kpos, c * bk, bk, 0)
                 ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
-                mask = _pair_mask(qp, kp, qs, ks, cfg)
+                mask = _pair_mask(qp, kp, qs, ks, cfg) if masked else None
                 if mask is not None:
                     s = jnp.where(mask, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(-1))
@@ -206,9 +225,7 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
                 acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vc)
                 return acc, m_new, l
 
-            if qseg is None:  # the range [lo, hi) is exactly the non-empty pairs
-                return compute(st)
-            return jax.lax.cond(ne[a, c], compute, lambda st: st, st)
+            return _dispatch(compute, ne[a, c], full[a, c], st, qseg is not None, cfg)
 
         acc0 = _vary_like(jnp.zeros(qc.shape, _F32), qc)
         m0 = _vary_like(jnp.full(qc.shape[:-1], -jnp.inf, _F32), qc)
@@ -248,7 +265,7 @@ def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
     bq, bk = cfg.block_q, cfg.block_kv
     nk = kv.shape[2] // bk
     scale = q.shape[-1] ** -0.5
-    ne = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
+    ne, full = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
     lo, hi = _ranges(ne.T)
 
     def kv_step(c, carry):
@@ -260,7 +277,7 @@ def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
         dkv_c = _slice(dkvT, c * bk, bk, 4)  # [2, B, H, D, bk]
 
         def q_step(a, st):
-            def compute(st):
+            def compute(st, masked=True):
                 dkv_c, dq = st
                 _count_pair("bwd")
                 qc = _slice(q, a * bq, bq, 1).astype(_F32)  # [B, bq, H, D]
@@ -272,7 +289,7 @@ def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
                 qp = _slice(qpos, a * bq, bq, 0)
                 qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
                 s = jnp.einsum("bqhd,bhkd->bhqk", qc, kc) * scale
-                mask = _pair_mask(qp, kp, qs, ks, cfg)
+                mask = _pair_mask(qp, kp, qs, ks, cfg) if masked else None
                 if mask is not None:
                     s = jnp.where(mask, s, -jnp.inf)
                 p = jnp.exp(s - lse_c[..., None])
@@ -285,9 +302,7 @@ def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
                 dkT = jnp.einsum("bqhd,bhqk->bhdk", qc, ds) * scale
                 return dkv_c + jnp.stack([dkT, dvT]), dq
 
-            if qseg is None:
-                return compute(st)
-            return jax.lax.cond(ne[a, c], compute, lambda st: st, st)
+            return _dispatch(compute, ne[a, c], full[a, c], st, qseg is not None, cfg)
 
         dkv_c, dq = jax.lax.fori_loop(lo[c], hi[c], q_step, (dkv_c, dq))
         dkvT = jax.lax.dynamic_update_slice_in_dim(dkvT, dkv_c, c * bk, 4)
