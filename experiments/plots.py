@@ -48,7 +48,7 @@ def returns_by_attempt(
     for label, result in results.items():
         mean, std = np.asarray(result["return_mean"]), np.asarray(result["return_std"])
         x = np.arange(1, len(mean) + 1)
-        ax.plot(x, mean, marker="o", label=f"{label} (n={result['num_episodes']})")
+        ax.plot(x, mean, marker="o", label=f"{label} ({result['num_episodes']} episodes)")
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     if reference is not None:
         ax.axhline(reference, ls="--", c="gray", label=reference_label)
