@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from agents import backbone
+from agents.train import put_global
 from ring import decode
 from ring.mesh import DATA
 
@@ -110,7 +111,7 @@ class Actor:
         self.n_data = n_data
         self._env = NamedSharding(mesh, P(DATA))
         self._rep = NamedSharding(mesh, P())
-        self._default_rng = jax.device_put(jax.random.key(0), self._rep)
+        self._default_rng = self._put_rng(jax.random.key(0))
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         self._observe = jax.jit(self._observe_impl, donate_argnums=(0,))
 
@@ -149,7 +150,7 @@ class Actor:
             prev_t=zeros_i,
             has_prev=np.zeros((b,), bool),
         )
-        arrays = {k: jax.device_put(v, self._env) for k, v in host.items()}
+        arrays = {k: put_global(v, self._env) for k, v in host.items()}
         return ActorState(caches=caches, **arrays)
 
     def act(
@@ -182,9 +183,13 @@ class Actor:
         rng: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, ActorState]:
         """Like `act`, also returning the raw prediction (logits or tanh mean) [B, A]."""
-        obs = jax.device_put(jnp.asarray(observation, jnp.float32), self._env)
-        target = jax.device_put(jnp.asarray(target_return, jnp.float32), self._env)
+        obs = put_global(np.asarray(observation, np.float32), self._env)
+        target = put_global(np.asarray(target_return, np.float32), self._env)
         if rng is None:  # unused by a greedy actor; one fixed key avoids a transfer per step
+            rng = self._default_rng
+        elif not self.greedy:
+            rng = self._put_rng(rng)
+        else:
             rng = self._default_rng
         return self._step(params, state, obs, target, rng)
 
@@ -196,9 +201,14 @@ class Actor:
         A done environment's next `act` starts the next attempt (timestep 0, trajectory index + 1)
         with all earlier attempts still in its context.
         """
-        reward = jax.device_put(jnp.asarray(reward, jnp.float32), self._env)
-        done = jax.device_put(jnp.asarray(done, bool), self._env)
+        reward = put_global(np.asarray(reward, np.float32), self._env)
+        done = put_global(np.asarray(done, bool), self._env)
         return self._observe(state, reward, done)
+
+    def _put_rng(self, rng: jax.Array) -> jax.Array:
+        """A key replicated on the mesh (works when the mesh spans several processes)."""
+        data = put_global(np.asarray(jax.random.key_data(rng)), self._rep)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng))
 
     def _observe_impl(self, state: ActorState, reward: jax.Array, done: jax.Array) -> ActorState:
         return state.replace(

@@ -128,16 +128,35 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
     return jax.tree.map(lambda _: replicated(mesh), state)
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh with P(DATA, SEQ).
+def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array of the GLOBAL shape placed with `sharding`.
 
-    Uses `jax.make_array_from_process_local_data`, so with several processes each passes its own
-    slice of the batch (rows of its DATA shards) and the global array is assembled without copies.
+    Every process passes the same array and transfers only the shards its own devices hold, so
+    this works unchanged in one process and across several (`jax.distributed`), where
+    `jax.device_put` refuses shardings with devices of other processes.
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array as numpy, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Places a host batch of the GLOBAL shape on the mesh with P(DATA, SEQ).
+
+    Every process passes the same global batch (the samplers are seeded identically and cheap to
+    run); each process transfers only the shards its own devices hold, so with the sequence split
+    over processes a process never copies the other processes' tokens to a device.
     """
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+    return {k: put_global(v, sharding) for k, v in batch.items()}
 
 
 def make_train_step(

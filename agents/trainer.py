@@ -30,6 +30,7 @@ import numpy as np
 from agents.checkpoint import Checkpointer
 from agents.logging import MetricLogger
 from agents.sampler import ContextSampler
+from agents.train import to_host
 from envs import darkroom
 from envs.evaluate import check_env_id, evaluate, format_table
 from envs.trajectories import Trajectories
@@ -212,7 +213,7 @@ class ActorPolicy:
         rng = jax.random.fold_in(self.rng, self.calls)
         self.calls += 1
         action, self.state = self.actor.act(self.params, self.state, observation, self.rtg, rng)
-        return np.asarray(jax.device_get(action))
+        return to_host(action)
 
     def observe(self, reward: np.ndarray, done: np.ndarray, active: np.ndarray) -> None:
         self.state = self.actor.observe(self.state, reward, done)

@@ -4,7 +4,7 @@ r"""Agentic Transformer on a D4RL-schema dataset: n return-sorted whole trajecto
       --workdir runs/at_hopper
 
 n whole trajectories of up to 1000 steps, 4 tokens each step: n=4 is 16k tokens per context, a
-job for several accelerators with config.mesh = [("data", 1), ("seq", -1)]. Evaluation makes
+job for several accelerators with config.mesh = (("data", 1), ("seq", -1)). Evaluation makes
 `attempts` episodes in a row with earlier ones in context (at most n).
 """
 
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.layout = "striped"  # balances causal work over the ring
     config.model.remat = "nothing_saveable"  # long contexts: recompute blocks in the backward
     config.eval.attempts = arg.n  # attempts in a row, earlier ones in context
-    config.mesh = [("data", 1), ("seq", -1)]  # the ring spans every device
+    config.mesh = (("data", 1), ("seq", -1))  # the ring spans every device
 
     if arg.smoke:  # a few CPU seconds; tests/test_configs.py
         config.num_steps = 2
@@ -43,5 +43,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.remat = "none"
         config.eval.attempts = 2
         config.eval.num_envs = 2
-        config.mesh = [("data", -1), ("seq", 1)]
+        config.mesh = (("data", -1), ("seq", 1))
     return config

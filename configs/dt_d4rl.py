@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         env_id="",  # Gymnasium id to act in; "" = from the dataset (metadata or name)
     )
     config.wandb = dict(mode="offline", project="ringrl")  # "offline" | "online" | "disabled"
-    config.mesh = [("data", -1), ("seq", 1)]  # -1: all remaining devices
+    config.mesh = (("data", -1), ("seq", 1))  # -1: all remaining devices
 
     if arg.smoke:  # a few CPU seconds; tests/test_configs.py
         config.num_steps = 2

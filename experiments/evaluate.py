@@ -35,6 +35,9 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from ring import distributed
+
+    distributed.maybe_initialize()  # one of several processes (ringrl-launch or a cluster)
     import jax
     from absl import logging
 

@@ -29,6 +29,9 @@ _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoin
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from ring import distributed
+
+    distributed.maybe_initialize()  # one of several processes (ringrl-launch or a cluster)
     import jax
     from absl import logging
 

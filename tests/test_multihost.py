@@ -1,9 +1,13 @@
 """Multi-process runs on loopback through experiments/launch.py (jax.distributed + Gloo)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
+
+import numpy as np
+import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "mh_worker.py")
 
@@ -73,3 +77,76 @@ def test_survivor_exits_on_its_own_when_a_peer_dies():
     assert procs[0].returncode != 0
     assert time.time() - died < distributed.HEARTBEAT_TIMEOUT_S + 30
     assert "stopped sending heartbeats" in out
+
+
+# The AT agent's smoke config on a mesh whose ring (seq=8) spans both processes' devices.
+TRAIN_ARGS = [
+    "--config",
+    "configs/at_darkroom.py:smoke",
+    "--config.mesh=(('data', 1), ('seq', 8))",
+    "--config.num_steps=4",
+    "--config.checkpoint_every=2",
+    "--config.wandb.mode=disabled",
+]
+
+
+def _train(workdir, processes: int, *extra: str) -> None:
+    args = [*TRAIN_ARGS, "--workdir", str(workdir), *extra]
+    if processes == 1:
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.train", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    else:
+        proc, _ = _launch(
+            "--processes", "2", "--devices-per-process", "4", "--", "train", *args, timeout=600
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _losses(workdir) -> dict[int, float]:
+    import json
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _eval(workdir) -> list[float]:
+    import json
+
+    with open(os.path.join(workdir, "eval.json")) as f:
+        return json.load(f)["return_mean"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    _train(root / "one", 1)
+    _train(root / "two", 2)
+    return root
+
+
+def test_two_processes_train_like_one(runs):
+    one, two = _losses(runs / "one"), _losses(runs / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two[s] for s in one], list(one.values()), rtol=0, atol=1e-5)
+    assert _eval(runs / "one") == _eval(runs / "two")
+
+
+@pytest.mark.parametrize("written_by, resumed_by", [("two", 1), ("one", 2)])
+def test_checkpoint_restores_across_process_counts(runs, tmp_path, written_by, resumed_by):
+    """A run 'killed' after its step-2 checkpoint resumes under the other process count."""
+    workdir = tmp_path / "resumed"
+    shutil.copytree(runs / written_by, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "4")  # as if killed right after checkpoint 2
+    os.remove(workdir / "metrics.jsonl")
+    _train(workdir, resumed_by, "--resume")
+    full, resumed = _losses(runs / written_by), _losses(workdir)
+    assert sorted(resumed) == [3, 4]
+    np.testing.assert_allclose([resumed[3], resumed[4]], [full[3], full[4]], rtol=0, atol=1e-5)
+    assert _eval(workdir) == _eval(runs / written_by)
