@@ -82,7 +82,7 @@ def test_blockwise_ffn_matches_mlp():
     ):
         got = run(chunked)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"seed {SEED}")
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"RING_TEST_SEED={SEED}")
 
 
 def test_blockwise_ffn_memory():
