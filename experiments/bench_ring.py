@@ -110,16 +110,16 @@ def chunked_reference(q, k, v, window, rows, chunk=512):
     return np.concatenate([np.asarray(one(qj, kj, vj, int(s))) for s in starts], axis=1)
 
 
-def timed(fn, args, repeats: int, warmup: int) -> tuple[float, int]:
-    """Median wall time of `fn(*args)` (already compiled) over `repeats` runs."""
+def timed(fn, args, repeats: int, warmup: int):
+    """(median wall time over `repeats` runs, runs, last result) of `fn(*args)` (compiled)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        result = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times), len(times)
+    return statistics.median(times), len(times), result
 
 
 def compile_pair(attn, x_spec, sharding, cot):
@@ -251,17 +251,16 @@ def main(argv=None) -> None:
             warmup = 1 if t <= 4096 else 0
             reps = args.repeats if t < 65536 else args.repeats_long
             log(f"T={t} {name}: forward x{reps}")
-            row["fwd_s"], row["runs"] = timed(c_fwd, inputs[:3], reps, warmup)
-            out = np.asarray(c_fwd(*inputs[:3]))
+            row["fwd_s"], row["runs"], out = timed(c_fwd, inputs[:3], reps, warmup)
+            out = np.asarray(out)
             if sh is ring_sh:
                 out = np.asarray(from_layout(jnp.asarray(out), N_DEV, layout))
             ref_out, ref_grads = ref[window]
             row["err"] = float(np.max(np.abs(out[:, check_rows] - ref_out)))
             if train:
                 log(f"T={t} {name}: forward+backward x{reps}")
-                row["bwd_s"], _ = timed(c_bwd, inputs, reps, warmup)
+                row["bwd_s"], _, grads = timed(c_bwd, inputs, reps, warmup)
                 if ref_grads is not None:
-                    grads = c_bwd(*inputs)
                     if sh is ring_sh:
                         grads = [from_layout(g, N_DEV, layout) for g in grads]
                     row["gerr"] = max(
