@@ -229,13 +229,14 @@ class Actor:
             "done": state.prev_done,
         }
         cur = {"observations": obs, "target_returns": target}
-        seg_prev = jnp.where(state.has_prev, self._segment(state.prev_attempt), 0)
-        seg_cur = self._segment(state.attempt)
-        segment_ids = jnp.stack(
-            [seg_prev] * len(self.trailing) + [seg_cur] * len(self.leading), axis=1
-        ).astype(jnp.int32)  # [B, k]
 
         def body(m, caches, prev, cur, state):
+            # Per shard: this device's environments only (state is sharded P(DATA)).
+            seg_prev = jnp.where(state.has_prev, self._segment(state.prev_attempt), 0)
+            seg_cur = self._segment(state.attempt)
+            segment_ids = jnp.stack(
+                [seg_prev] * len(self.trailing) + [seg_cur] * len(self.leading), axis=1
+            ).astype(jnp.int32)  # [B_local, k]
             emb = m.embed
             pos_prev = emb.position(state.prev_t, state.prev_attempt)
             pos_cur = emb.position(state.t, state.attempt)

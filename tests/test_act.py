@@ -26,10 +26,10 @@ def model_and_params():
     return model, backbone.init_params(model, jax.random.key(0), obs_dim=S)
 
 
-@pytest.mark.parametrize("seq", [1, 4])
-def test_cached_actor_matches_full_recompute(model_and_params, seq):
+@pytest.mark.parametrize("data, seq", [(1, 1), (2, 4)])
+def test_cached_actor_matches_full_recompute(model_and_params, data, seq):
     model, params = model_and_params
-    mesh = make_mesh([("data", 1), ("seq", seq)], jax.devices("cpu")[:seq])
+    mesh = make_mesh([("data", data), ("seq", seq)], jax.devices("cpu")[: data * seq])
     max_steps = sum(ATTEMPT_LENGTHS) + 1
     actor = at.make_actor(model, mesh, attempts=2, horizon=4)
     assert actor.capacity >= 4 * max_steps

@@ -32,9 +32,9 @@ def hopper_file(tmp_path_factory):
 def _smoke(config, tmp_path):
     config.unlock()
     config.data.dir = str(tmp_path / "data")
-    # The ring over 4 of the 8 virtual devices (every smoke context length divides by 4).
-    # TODO: data > 1 once agents/act.py passes segment ids through its shard_map.
-    config.mesh = [("data", 1), ("seq", 4)]
+    # All 8 virtual devices: batch and environments over 2, the ring over 4 (every smoke context
+    # length divides by 4).
+    config.mesh = (("data", 2), ("seq", 4))
     config.lock()
     result = train_and_evaluate(config, tmp_path / "run")
     assert result["step"] == config.num_steps
