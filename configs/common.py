@@ -113,35 +113,63 @@ def _check_overrides(argv: list[str], flag_name: str, default_spec: str) -> None
     config = load_config(spec)
     keys = set(flat_keys(config))
     for key in overrides:
-        if key not in keys:
-            parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-            siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent) :]]
-            near = difflib.get_close_matches(key, siblings or sorted(keys), n=3, cutoff=0.5)
-            hint = (
-                f"did you mean {', '.join('--config.' + n for n in near)}?"
-                if near
-                else (f"valid keys here: {', '.join(sorted(siblings)[:12])}")
-            )
-            raise KeyError(f"unknown override --{flag_name}.{key}; {hint}")
+        if key in keys:
+            continue
+        parts = key.split(".")
+        # The first component that does not exist, and the keys at its level.
+        depth = next(d for d in range(len(parts)) if ".".join(parts[: d + 1]) not in keys)
+        parent = ".".join(parts[:depth]) + "." if depth else ""
+        level = sorted(k[len(parent) :] for k in keys if k.startswith(parent))
+        level = [k for k in level if "." not in k]
+        near = difflib.get_close_matches(parts[depth], level, n=3, cutoff=0.6)
+        if near:
+            hint = "did you mean " + ", ".join(f"--{flag_name}.{parent}{n}" for n in near) + "?"
+        else:
+            hint = f"valid keys{' in ' + parent[:-1] if parent else ''}: {', '.join(level)}"
+        raise KeyError(f"unknown override --{flag_name}.{key}; {hint}")
 
 
 def run(main: Callable[[list[str]], None], *, flag_name: str = "config", default: str) -> None:
     """`absl.app.run(main)` with config mistakes reported as one line and exit code 2.
 
+    The config flag is defined here, not at import, because `config_flags` parses the default and
+    any `--config.x=y` overrides of sys.argv as soon as the flag is defined: a mistake there would
+    otherwise escape as a traceback. `main` reads the config with `flag_value()`.
+
     Args:
       main: the entry point's main(argv).
-      flag_name: name of the config flag defined with `config_flags.DEFINE_config_file`.
-      default: config spec used when the flag is not given (also the flag's default).
+      flag_name: name of the config flag.
+      default: config spec used when the flag is not given.
     """
     from absl import app, flags
+    from ml_collections import config_flags
+
+    def fail(e: Exception) -> None:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+
+    errors = (FileNotFoundError, KeyError, ValueError, flags.Error, AttributeError)
+    try:
+        _check_overrides(sys.argv[1:], flag_name, default)
+        if flag_name not in flags.FLAGS:
+            config_flags.DEFINE_config_file(
+                flag_name, resolve_config_path(default), "config file[:args]", lock_config=True
+            )
+    except errors as e:
+        fail(e)
 
     def parser(argv):
         try:
-            _check_overrides(argv[1:], flag_name, default)
             return flags.FLAGS(argv)
-        except (FileNotFoundError, KeyError, ValueError, flags.Error, AttributeError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"error: {msg}".splitlines()[0], file=sys.stderr)
-            sys.exit(2)
+        except errors as e:
+            fail(e)
 
     app.run(main, flags_parser=parser)
+
+
+def flag_value(flag_name: str = "config") -> ml_collections.ConfigDict:
+    """The config given on the command line (inside a `main` started by `run`)."""
+    from absl import flags
+
+    return flags.FLAGS[flag_name].value

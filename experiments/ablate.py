@@ -14,14 +14,10 @@ import sys
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from configs import ablation_context, common
 
 DEFAULT_CONFIG = "configs/ablation_context.py"
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", common.resolve_config_path(DEFAULT_CONFIG), "config file[:args]", lock_config=True
-)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-cell runs")
 
 
@@ -41,7 +37,7 @@ def main(argv: list[str]) -> None:
     from agents.trainer import train_and_evaluate
     from experiments import plots
 
-    base, root = _CONFIG.value, _WORKDIR.value
+    base, root = common.flag_value(), _WORKDIR.value
     cells = [(n, s, "at") for n in base.ablation.ns for s in base.ablation.seeds]
     if base.ablation.dt_baseline:
         cells += [(1, s, "dt") for s in base.ablation.seeds]

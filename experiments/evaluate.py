@@ -12,17 +12,10 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from configs import common
 
 DEFAULT_CONFIG = "configs/at_darkroom.py"
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    common.resolve_config_path(DEFAULT_CONFIG),
-    "checked against the checkpoint",
-    lock_config=True,
-)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory with checkpoints/", required=True)
 _ATTEMPTS = flags.DEFINE_integer("attempts", None, "attempts per env (default: config.eval)")
 _NUM_ENVS = flags.DEFINE_integer("num_envs", None, "envs acting together (default: config.eval)")
@@ -54,7 +47,7 @@ def main(argv: list[str]) -> None:
         "tasks": _TASKS.value,
         "env_id": _ENV_ID.value,
     }
-    check = _CONFIG.value if flags.FLAGS["config"].present else None
+    check = common.flag_value() if flags.FLAGS["config"].present else None
     try:
         config, result = evaluate_checkpoint(
             _WORKDIR.value,

@@ -14,14 +14,10 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from configs import common
 
 DEFAULT_CONFIG = "configs/at_darkroom.py"
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", common.resolve_config_path(DEFAULT_CONFIG), "config file[:args]", lock_config=True
-)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config.name>)")
 _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
 
@@ -40,7 +36,7 @@ def main(argv: list[str]) -> None:
     from agents.trainer import train_and_evaluate
     from experiments import plots
 
-    config = _CONFIG.value
+    config = common.flag_value()
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
         result = train_and_evaluate(config, workdir, resume=_RESUME.value)

@@ -68,3 +68,28 @@ def test_bad_override_names_nearest_key(config_file):
 def test_flat_keys():
     config = ml_collections.ConfigDict(dict(a=1, b=dict(c=2, d=dict(e=3))))
     assert common.flat_keys(config) == ["a", "b", "b.c", "b.d", "b.d.e"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config.optim.lrr=3"],
+            "unknown override --config.optim.lrr; did you mean --config.optim.lr?",
+        ),
+        (["--config", "configs/nope.py"], "config file 'configs/nope.py' not found"),
+        (["--config", "configs/at_darkroom.py:m=3"], "unknown config arg 'm'"),
+        (["--config.optim.lr=abc"], "could not convert string to float: 'abc'"),
+    ],
+)
+def test_entry_point_config_mistakes_exit_2_in_one_line(args, message):
+    """Through the real entry point (no jax import happens before these checks)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
