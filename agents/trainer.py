@@ -392,27 +392,29 @@ def _train_loop(config, agent, state, sampler, ckpt, logger, data, workdir) -> d
         batch = agent.put_batch(sampler.sample(config.batch_size))
         state, metrics = agent.train_step(state, batch, rng)
         done = step + 1
-        if done % config.log_every == 0 or done == config.num_steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - t0
-            tok_s = tokens_per_batch * (done - since) / max(elapsed, 1e-9)
-            last = {f"train/{k}": float(np.asarray(v)) for k, v in metrics.items()}
-            last["train/tokens_per_s"] = tok_s
-            logger.log(done, last)
-            bar.set_postfix(
-                loss=f"{last.get('train/loss', float('nan')):.4f}", tok_s=f"{tok_s:.0f}"
-            )
-            t0, since = time.perf_counter(), done
-        bar.update(1)
         if step == start_step:  # the first step compiles; tokens/s counts from after it
             jax.block_until_ready(state.step)
             t0, since = time.perf_counter(), done
+        if done % config.log_every == 0 or done == config.num_steps:
+            metrics = jax.device_get(metrics)
+            last = {f"train/{k}": float(np.asarray(v)) for k, v in metrics.items()}
+            postfix = {"loss": f"{last.get('train/loss', float('nan')):.4f}"}
+            if done > since:  # not on the compiling first step
+                tok_s = tokens_per_batch * (done - since) / max(time.perf_counter() - t0, 1e-9)
+                last["train/tokens_per_s"] = tok_s
+                postfix["tok_s"] = f"{tok_s:.0f}"
+            logger.log(done, last)
+            bar.set_postfix(**postfix)
+            t0, since = time.perf_counter(), done
+        bar.update(1)
+        pause = time.perf_counter()  # checkpoints and evaluations don't count towards tokens/s
         if done % config.checkpoint_every == 0 or done == config.num_steps:
             ckpt.save(done, state, sampler_state=sampler.state_dict(), config=config)
         if config.eval.every and done % config.eval.every == 0 and done != config.num_steps:
             result = evaluate_agent(config, agent, state.params, data)
             logger.log(done, eval_scalars(result))
             bar.write(f"step {done}: eval return per attempt {np.round(result['return_mean'], 2)}")
+        t0 += time.perf_counter() - pause
     bar.close()
     return {**last, "state": state}
 
