@@ -47,6 +47,21 @@ def main(argv: list[str]) -> None:
         "tasks": _TASKS.value,
         "env_id": _ENV_ID.value,
     }
+    # --config.eval.* overrides change how the checkpoint is evaluated (e.g. the target return);
+    # other fields are fixed by training, so overriding them here would be silently meaningless.
+    fields = [
+        a[len("--config.") :].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")
+    ]
+    fixed = [f for f in fields if not f.startswith("eval.")]
+    if fixed:
+        print(
+            f"error: --config.{fixed[0]} cannot change a trained checkpoint; only --config.eval.* "
+            "overrides apply in ringrl-eval",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    for field in fields:
+        overrides[field[len("eval.") :]] = common.flag_value().eval[field[len("eval.") :]]
     check = common.flag_value() if flags.FLAGS["config"].present else None
     try:
         config, result = evaluate_checkpoint(

@@ -82,3 +82,23 @@ def test_eval_more_attempts_than_context(smoke_workdir, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1
     assert "5 attempts in context but the model was built for n=2 trajectories" in lines[0]
+
+
+def test_eval_refuses_overrides_that_training_fixed(smoke_workdir, tmp_path):
+    """ringrl-eval applies --config.eval.* overrides; any other field is refused, not ignored."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            f"--workdir={smoke_workdir}",
+            "--config.model.embed_dim=8",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "error: --config.model.embed_dim cannot change a trained checkpoint" in proc.stderr
