@@ -34,6 +34,7 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     jax.config.update("jax_threefry_partitionable", True)
+    from agents.checkpoint import Checkpointer, config_mismatch
     from agents.trainer import train_and_evaluate
     from experiments import plots
 
@@ -46,7 +47,18 @@ def main(argv: list[str]) -> None:
         config = ablation_context.cell(base, n, seed, agent)
         workdir = os.path.join(root, config.name)
         path = os.path.join(workdir, "eval.json")
-        if not os.path.exists(path):
+        if os.path.exists(path):  # reuse a finished cell only if it was trained like this one
+            saved = Checkpointer(os.path.join(workdir, "checkpoints")).saved_config()
+            groups = ("model", "data", "optim", "eval", "num_steps", "batch_size", "seed")
+            diff = config_mismatch(saved, config.to_dict(), groups=groups)
+            if diff:
+                print(
+                    f"error: {workdir} was trained with other settings (differs in "
+                    f"{', '.join(diff)}); use a fresh --workdir",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+        else:
             print(f"== {config.name}", flush=True)
             try:
                 train_and_evaluate(config, workdir, resume=True)
