@@ -29,11 +29,9 @@ def _stats(results: list[dict], key) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import jax
-    from absl import logging
+    from ring import distributed
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    jax.config.update("jax_threefry_partitionable", True)
+    distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     from agents.checkpoint import Checkpointer, config_mismatch
     from agents.trainer import train_and_evaluate
     from experiments import plots

@@ -30,12 +30,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from ring import distributed
 
-    distributed.maybe_initialize()  # one of several processes (ringrl-launch or a cluster)
+    distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     import jax
-    from absl import logging
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    jax.config.update("jax_threefry_partitionable", True)
     from agents.trainer import evaluate_checkpoint, write_eval
     from envs.evaluate import format_table
     from experiments import plots
