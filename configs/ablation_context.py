@@ -6,7 +6,9 @@ r"""Context-length ablation: the DarkRoom agent with n trajectories in context (
 
 experiments/ablate.py trains and evaluates `cell(config, n, seed, agent)` for every n and seed in
 `config.ablation` (plus agent="dt", one trajectory window, as the baseline). Everything else
-(data, model size, steps) is shared, so only the context changes across the table.
+(data, model size, steps, learning rate) is shared, and every cell sees the same number of
+trajectories per step (`ablation.trajectories_per_step`: batch = that / n contexts), so the
+agents differ in how much they see *at once*, not in how much data they are trained on.
 """
 
 import ml_collections
@@ -28,11 +30,20 @@ def cell(
     config.eval.seed = 100 + 1000 * seed  # evaluation environments
     config.data.num_trajectories = n
     config.eval.attempts = n  # the agent with n slots makes n attempts, earlier ones in context
+    per_step = config.get("ablation", {}).get("trajectories_per_step", 0)
+    if per_step:  # same data per step for every n: batch = trajectories_per_step / n contexts
+        if per_step % n:
+            raise ValueError(
+                f"ablation.trajectories_per_step={per_step} is not a multiple of n={n}; "
+                "pick ns that divide it (or set it to 0 to keep batch_size)"
+            )
+        config.batch_size = per_step // n
     if agent == "dt":
         config.data.mode = "dt"  # one window of one trajectory, return-to-go targets
         config.data.num_trajectories = 1
         config.data.context_steps = config.data.horizon  # one whole DarkRoom episode
         config.eval.attempts = 1  # DT sees no earlier attempt, so one attempt says it all
+        config.batch_size = per_step or config.batch_size  # one trajectory per window
     config.lock()
     return config
 
@@ -45,8 +56,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ns=(1, 2, 4, 8, 16),  # trajectories in context, one trained agent each
         seeds=(0, 1, 2),  # independent runs per n (goal split fixed; init, batches, eval vary)
         dt_baseline=True,  # also train DT on one trajectory
+        # Trajectories per train step, the same for every n (batch = this / n contexts; 0: keep
+        # config.batch_size for every n). 64 = the default demo's 16 contexts x n=4.
+        trajectories_per_step=64,
     )
     if arg.smoke:  # tests/test_configs.py and a seconds-long ablate run
         config.ablation.ns = (1, 2)
         config.ablation.seeds = (0,)
+        config.ablation.trajectories_per_step = 16  # n=2: batch 8, at_darkroom's smoke shapes
     return cell(config, arg.n, arg.seed, arg.agent)

@@ -73,3 +73,14 @@ def test_d4rl_configs(get_config, hopper_file, tmp_path):
     assert result["eval"]["env_id"] == "Hopper-v5"
     # D4RL reference scores exist for Hopper: normalized scores are reported.
     assert result["eval"]["normalized_return_mean"] is not None
+
+
+def test_ablation_cells_see_equal_trajectories_per_step():
+    base = ablation_context.get_config()
+    per_step = base.ablation.trajectories_per_step
+    for n in base.ablation.ns:
+        cell = ablation_context.cell(base, n, seed=0)
+        assert cell.batch_size * cell.data.num_trajectories == per_step
+    assert ablation_context.cell(base, 1, seed=0, agent="dt").batch_size == per_step
+    with pytest.raises(ValueError, match="not a multiple of n=3"):
+        ablation_context.cell(base, 3, seed=0)
