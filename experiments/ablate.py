@@ -26,6 +26,23 @@ def _stats(results: list[dict], key) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
 
 
+def after_success(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Return of attempts 2.. split by whether an earlier attempt on the same goal scored.
+
+    In DarkRoom a failed episode only says where the goal is not; an episode that reached it says
+    where it is. An agent that learned in context should return far more once an earlier attempt
+    scored ("after_success") than while none has ("after_failures").
+    """
+    split: dict[str, list[float]] = {"after_success": [], "after_failures": []}
+    for r in results:
+        for episode in np.asarray(r["returns"], float):  # [attempts] per goal
+            for k in range(1, len(episode)):
+                key = "after_success" if (episode[:k] > 0).any() else "after_failures"
+                split[key].append(float(episode[k]))
+    return {k: {"mean": float(np.mean(v)) if v else None, "count": len(v)}
+            for k, v in split.items()}  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -73,7 +90,10 @@ def main(argv: list[str]) -> None:
             ("last", lambda r: r["last_attempt_return_mean"]),
             ("best", lambda r: r["best_attempt_return_mean"]),
         )
-        return {name: _stats(rs, key) for name, key in (firsts, lasts, bests)}
+        return {
+            **{name: _stats(rs, key) for name, key in (firsts, lasts, bests)},
+            **after_success(rs),
+        }
 
     seeds = base.ablation.seeds
     rows = [{"n": n, **summary([(n, s, "at") for s in seeds])} for n in base.ablation.ns]
@@ -82,12 +102,21 @@ def main(argv: list[str]) -> None:
         f"held-out return, mean ± std over seeds {tuple(seeds)}; optimal "
         f"{next(iter(evals.values())).get('reference_optimal')}"
     )
-    print(f"{'agent':>5} {'n':>3}  {'attempt 1':>13}  {'last attempt':>13}  {'best attempt':>13}")
+    print(
+        f"{'agent':>5} {'n':>3}  {'attempt 1':>13}  {'last attempt':>13}  {'best attempt':>13}"
+        f"  {'after a success':>16}  {'after failures':>16}"
+    )
     for name, row in [("AT", r) for r in rows] + ([("DT", {"n": 1, **dt})] if dt else []):
         cols = "  ".join(
             f"{row[c]['mean']:6.2f} ± {row[c]['std']:<4.2f}" for c in ("first", "last", "best")
         )
-        print(f"{name:>5} {row['n']:>3}  {cols}")
+        split = "  ".join(
+            f"{row[c]['mean']:6.2f} (n={row[c]['count']:<4})" if row[c]["count"] else f"{'-':>16}"
+            for c in ("after_success", "after_failures")
+        )
+        print(f"{name:>5} {row['n']:>3}  {cols}  {split}")
+    print("after a success / after failures: mean return of attempts 2.. when an earlier attempt")
+    print("on the same goal scored / when none did (n = episodes, pooled over seeds)")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "ablation.json.tmp"), "w") as f:
         json.dump({"rows": rows, "dt": dt}, f, indent=1)

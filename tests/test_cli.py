@@ -102,3 +102,51 @@ def test_eval_refuses_overrides_that_training_fixed(smoke_workdir, tmp_path):
     )
     assert proc.returncode == 2
     assert "error: --config.model.embed_dim cannot change a trained checkpoint" in proc.stderr
+
+
+def _ablate(workdir, *overrides, cwd):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.ablate",
+            f"--config={ROOT}/configs/ablation_context.py:smoke",
+            f"--workdir={workdir}",
+            "--config.wandb.mode=disabled",
+            *overrides,
+        ],
+        cwd=cwd,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_ablate_smoke_table_and_reuse(tmp_path):
+    """ringrl-ablate end to end (n = 1, 2 and DT, 2 steps each), then rerun with other settings."""
+    import json
+
+    proc = _ablate(tmp_path / "abl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "abl" / "ablation.json") as f:
+        table = json.load(f)
+    assert [r["n"] for r in table["rows"]] == [1, 2]
+    n2, dt = table["rows"][1], table["dt"]
+    # n=2 makes 2 attempts on each of the 2 held-out goals: 2 second attempts, split by history.
+    assert n2["after_success"]["count"] + n2["after_failures"]["count"] == 2
+    assert dt["after_success"] == dt["after_failures"] == {"mean": None, "count": 0}  # 1 attempt
+    assert os.path.getsize(tmp_path / "abl" / "return_vs_context.png") > 1000
+    assert "after a success" in proc.stdout
+    # A finished cell is reused only if it was trained the same way.
+    proc = _ablate(tmp_path / "abl", "--config.num_steps=3", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "differs in num_steps" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_after_success_split():
+    from experiments.ablate import after_success
+
+    split = after_success([{"returns": [[0, 0, 3], [2, 5, 0]]}, {"returns": [[0, 0, 0]]}])
+    assert split["after_success"] == {"mean": 2.5, "count": 2}  # 5 and 0, after the 2
+    assert split["after_failures"] == {"mean": 0.75, "count": 4}  # 0, 3 and 0, 0
