@@ -71,7 +71,10 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:
-        tag = f"{config.eval.tasks}_k{result['attempts']}_s{config.eval.seed}"
+        tag = (
+            f"{config.eval.tasks}_k{result['attempts']}_s{config.eval.seed}"
+            f"_r{config.eval.target_return:g}"
+        )
         path = write_eval(_WORKDIR.value, result, f"eval_{tag}.json")
         png = plots.returns_by_attempt(
             {f"{config.data.mode.upper()}, n={config.data.num_trajectories}": result},

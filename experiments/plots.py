@@ -1,4 +1,8 @@
-"""PNG plots of evaluation results (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of evaluation results (matplotlib, Agg backend: no display needed).
+
+  python -m experiments.plots OUT.png "AT n=4=runs/at/eval.json" "DT=runs/dt/eval.json" \
+      [--title TEXT]    # return per attempt of several ringrl-eval JSONs in one plot
+"""
 
 from __future__ import annotations
 
@@ -48,7 +52,9 @@ def returns_by_attempt(
     for label, result in results.items():
         mean, std = np.asarray(result["return_mean"]), np.asarray(result["return_std"])
         x = np.arange(1, len(mean) + 1)
-        ax.plot(x, mean, marker="o", label=f"{label} ({result['num_episodes']} episodes)")
+        (line,) = ax.plot(x, mean, marker="o", label=f"{label} ({result['num_episodes']} episodes)")
+        if len(x) == 1:  # one attempt: an error bar, a band would have no width
+            ax.errorbar(x, mean, yerr=std, capsize=4, color=line.get_color())
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     if reference is not None:
         ax.axhline(reference, ls="--", c="gray", label=reference_label)
@@ -102,3 +108,34 @@ def return_vs_context(
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Plot the return per attempt of several `eval*.json` files together (LABEL=PATH each)."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", help="PNG file to write")
+    parser.add_argument("runs", nargs="+", metavar="LABEL=PATH", help="an eval JSON and its label")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    results = {}
+    for item in args.runs:
+        label, sep, path = item.rpartition("=")
+        try:
+            if not sep or not label:
+                raise ValueError(f"expected LABEL=PATH, got {item!r}")
+            with open(path) as f:
+                results[label] = json.load(f)
+            if "return_mean" not in results[label]:
+                raise KeyError("no return_mean: not an evaluation result")
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {item}: {e!r}; pass LABEL=PATH of a ringrl-eval JSON", file=sys.stderr)
+            sys.exit(2)
+    print(f"wrote {returns_by_attempt(results, args.out, title=args.title)}")
+
+
+if __name__ == "__main__":
+    main()

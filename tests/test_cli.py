@@ -150,3 +150,18 @@ def test_after_success_split():
     split = after_success([{"returns": [[0, 0, 3], [2, 5, 0]]}, {"returns": [[0, 0, 0]]}])
     assert split["after_success"] == {"mean": 2.5, "count": 2}  # 5 and 0, after the 2
     assert split["after_failures"] == {"mean": 0.75, "count": 4}  # 0, 3 and 0, 0
+
+
+def test_plots_cli(tmp_path, capsys):
+    import json
+
+    from experiments import plots
+
+    result = {"return_mean": [1.0, 2.0], "return_std": [0.5, 0.5], "num_episodes": 3}
+    (tmp_path / "a.json").write_text(json.dumps(result))
+    plots.main([str(tmp_path / "p.png"), f"AT n=2={tmp_path / 'a.json'}", "--title", "t"])
+    assert os.path.getsize(tmp_path / "p.png") > 1000
+    with pytest.raises(SystemExit) as e:
+        plots.main([str(tmp_path / "q.png"), f"x={tmp_path / 'missing.json'}"])
+    assert e.value.code == 2 and "pass LABEL=PATH" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "q.png")
