@@ -16,6 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import ablation_context, common
+from envs.evaluate import after_success
 
 DEFAULT_CONFIG = "configs/ablation_context.py"
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-cell runs")
@@ -24,23 +25,6 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-ce
 def _stats(results: list[dict], key) -> dict[str, float]:
     values = [key(r) for r in results]
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
-
-
-def after_success(results: list[dict]) -> dict[str, dict[str, float]]:
-    """Return of attempts 2.. split by whether an earlier attempt on the same goal scored.
-
-    In DarkRoom a failed episode only says where the goal is not; an episode that reached it says
-    where it is. An agent that learned in context should return far more once an earlier attempt
-    scored ("after_success") than while none has ("after_failures").
-    """
-    split: dict[str, list[float]] = {"after_success": [], "after_failures": []}
-    for r in results:
-        for episode in np.asarray(r["returns"], float):  # [attempts] per goal
-            for k in range(1, len(episode)):
-                key = "after_success" if (episode[:k] > 0).any() else "after_failures"
-                split[key].append(float(episode[k]))
-    return {k: {"mean": float(np.mean(v)) if v else None, "count": len(v)}
-            for k, v in split.items()}  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

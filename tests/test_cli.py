@@ -145,7 +145,7 @@ def test_ablate_smoke_table_and_reuse(tmp_path):
 
 
 def test_after_success_split():
-    from experiments.ablate import after_success
+    from envs.evaluate import after_success
 
     split = after_success([{"returns": [[0, 0, 3], [2, 5, 0]]}, {"returns": [[0, 0, 0]]}])
     assert split["after_success"] == {"mean": 2.5, "count": 2}  # 5 and 0, after the 2
