@@ -62,21 +62,21 @@ def test_train_bad_input(smoke_workdir, tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "data")  # refused before generating data
 
 
-def test_eval_more_attempts_than_context(smoke_workdir, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.evaluate",
-            f"--workdir={smoke_workdir}",
-            "--attempts=5",
-        ],
-        cwd=tmp_path,
-        env=env,
+def _module(name, *args, cwd, timeout=300):
+    """`python -m name args...` on CPU in `cwd`, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", name, *args],
+        cwd=cwd,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
+    )
+
+
+def test_eval_more_attempts_than_context(smoke_workdir, tmp_path):
+    proc = _module(
+        "experiments.evaluate", f"--workdir={smoke_workdir}", "--attempts=5", cwd=tmp_path
     )
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -86,39 +86,24 @@ def test_eval_more_attempts_than_context(smoke_workdir, tmp_path):
 
 def test_eval_refuses_overrides_that_training_fixed(smoke_workdir, tmp_path):
     """ringrl-eval applies --config.eval.* overrides; any other field is refused, not ignored."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.evaluate",
-            f"--workdir={smoke_workdir}",
-            "--config.model.embed_dim=8",
-        ],
+    proc = _module(
+        "experiments.evaluate",
+        f"--workdir={smoke_workdir}",
+        "--config.model.embed_dim=8",
         cwd=tmp_path,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 2
     assert "error: --config.model.embed_dim cannot change a trained checkpoint" in proc.stderr
 
 
 def _ablate(workdir, *overrides, cwd):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.ablate",
-            f"--config={ROOT}/configs/ablation_context.py:smoke",
-            f"--workdir={workdir}",
-            "--config.wandb.mode=disabled",
-            *overrides,
-        ],
+    return _module(
+        "experiments.ablate",
+        f"--config={ROOT}/configs/ablation_context.py:smoke",
+        f"--workdir={workdir}",
+        "--config.wandb.mode=disabled",
+        *overrides,
         cwd=cwd,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
         timeout=600,
     )
 
