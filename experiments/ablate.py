@@ -4,7 +4,8 @@ r"""ringrl-ablate: held-out DarkRoom return vs n trajectories in context (+ a DT
   ringrl-ablate --config configs/ablation_context.py:smoke --workdir /tmp/abl
 
 One agent per (n, seed) in <workdir>/<cell> (cells with an eval.json are reused), evaluated with n
-attempts; prints mean ± std over seeds of attempt 1, the last and the best attempt; writes
+attempts; prints mean ± std over seeds of attempt 1, the last and the best attempt, the
+after-success split and the best-of-n return of the training contexts; writes
 ablation.json and return_vs_context.png.
 """
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
 
     distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     from agents.checkpoint import Checkpointer, config_mismatch
-    from agents.trainer import train_and_evaluate
+    from agents.trainer import load_data, make_sampler, train_and_evaluate
     from experiments import plots
 
     base, root = common.flag_value(), _WORKDIR.value
@@ -79,8 +80,18 @@ def main(argv: list[str]) -> None:
             **after_success(rs),
         }
 
+    def data_best(n: int) -> float:
+        """Mean return of the best of n trajectories of a training context (what the last slot
+        imitates: the relabelled target), over 1024 sampled contexts of the training goals."""
+        config = ablation_context.cell(base, n, 0)
+        sampler = make_sampler(config, load_data(config, verbose=False), seed=0)
+        return float(sampler.sample(1024)["target_returns"][:, 0].mean())
+
     seeds = base.ablation.seeds
-    rows = [{"n": n, **summary([(n, s, "at") for s in seeds])} for n in base.ablation.ns]
+    rows = [
+        {"n": n, **summary([(n, s, "at") for s in seeds]), "data_best": data_best(n)}
+        for n in base.ablation.ns
+    ]
     dt = summary([(1, s, "dt") for s in seeds]) if base.ablation.dt_baseline else None
     print(
         f"held-out return, mean ± std over seeds {tuple(seeds)}; optimal "
@@ -88,7 +99,7 @@ def main(argv: list[str]) -> None:
     )
     print(
         f"{'agent':>5} {'n':>3}  {'attempt 1':>13}  {'last attempt':>13}  {'best attempt':>13}"
-        f"  {'after a success':>16}  {'after failures':>16}"
+        f"  {'after a success':>16}  {'after failures':>16}  {'data: best of n':>15}"
     )
     for name, row in [("AT", r) for r in rows] + ([("DT", {"n": 1, **dt})] if dt else []):
         cols = "  ".join(
@@ -98,9 +109,12 @@ def main(argv: list[str]) -> None:
             f"{row[c]['mean']:6.2f} (n={row[c]['count']:<4})" if row[c]["count"] else f"{'-':>16}"
             for c in ("after_success", "after_failures")
         )
-        print(f"{name:>5} {row['n']:>3}  {cols}  {split}")
+        best = f"{row['data_best']:15.2f}" if "data_best" in row else f"{'-':>15}"
+        print(f"{name:>5} {row['n']:>3}  {cols}  {split}  {best}")
     print("after a success / after failures: mean return of attempts 2.. when an earlier attempt")
     print("on the same goal scored / when none did (n = episodes, pooled over seeds)")
+    print("data: best of n: mean return of the best of n trajectories in a training context (the")
+    print("relabelled target the last slot imitates; training goals, where the goal is known)")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "ablation.json.tmp"), "w") as f:
         json.dump({"rows": rows, "dt": dt}, f, indent=1)

@@ -123,6 +123,8 @@ def test_ablate_smoke_table_and_reuse(tmp_path):
     assert dt["after_success"] == dt["after_failures"] == {"mean": None, "count": 0}  # 1 attempt
     assert os.path.getsize(tmp_path / "abl" / "return_vs_context.png") > 1000
     assert "after a success" in proc.stdout
+    # The best of n trajectories of a training context grows with n (same goals, more draws).
+    assert 0 < table["rows"][0]["data_best"] <= n2["data_best"]
     # A finished cell is reused only if it was trained the same way.
     proc = _ablate(tmp_path / "abl", "--config.num_steps=3", cwd=tmp_path)
     assert proc.returncode == 2
