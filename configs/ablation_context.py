@@ -1,6 +1,6 @@
 r"""Context-length ablation: the DarkRoom agent with n trajectories in context (and a DT baseline).
 
-  python -m experiments.ablate                                    # n in 1,2,4,8,16 x 3 seeds + DT
+  python -m experiments.ablate                        # n in 1,2,4,8,16 x 3 seeds + DT, 3000 steps
   python -m experiments.ablate --config configs/ablation_context.py:smoke --workdir /tmp/abl
   ringrl-train --config configs/ablation_context.py:n=8,seed=1    # one cell of the table
 
@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Args: n (trajectories in context), seed, agent ("at" or "dt"), smoke."""
     arg = common.parse_arg(arg, n=4, seed=0, agent="at", smoke=False)
     config = at_darkroom.get_config("smoke" if arg.smoke else None)
+    if not arg.smoke:
+        # The README table's length: at 1000 steps n >= 8 had not yet learned to use its context.
+        config.num_steps = 3000
     config.ablation = dict(
         ns=(1, 2, 4, 8, 16),  # trajectories in context, one trained agent each
         seeds=(0, 1, 2),  # independent runs per n (goal split fixed; init, batches, eval vary)

@@ -5,7 +5,8 @@ r"""ringrl-ablate: held-out DarkRoom return vs n trajectories in context (+ a DT
 
 One agent per (n, seed) in <workdir>/<cell> (cells with an eval.json are reused), evaluated with n
 attempts; prints mean ± std over seeds of attempt 1, the last and the best attempt, the
-after-success split and the best-of-n return of the training contexts; writes
+after-success split, the best-of-n return of the training contexts and, per n, the mean
+return per attempt beside the training contexts' per-slot return; writes
 ablation.json and return_vs_context.png.
 """
 
@@ -80,18 +81,32 @@ def main(argv: list[str]) -> None:
             **after_success(rs),
         }
 
-    def data_best(n: int) -> float:
-        """Mean return of the best of n trajectories of a training context (what the last slot
-        imitates: the relabelled target), over 1024 sampled contexts of the training goals."""
+    def data_by_slot(n: int) -> list[float]:
+        """Mean return of the trajectory in each slot of a training context (ascending: slot k
+        holds the k-th worst of n draws; the last slot is the best of n, whose return is the
+        relabelled target), over 1024 sampled contexts of the training goals."""
         config = ablation_context.cell(base, n, 0)
-        sampler = make_sampler(config, load_data(config, verbose=False), seed=0)
-        return float(sampler.sample(1024)["target_returns"][:, 0].mean())
+        batch = make_sampler(config, load_data(config, verbose=False), seed=0).sample(1024)
+        slot_returns = [
+            (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1).mean()
+            for k in range(n)
+        ]
+        return [float(r) for r in slot_returns]
 
     seeds = base.ablation.seeds
-    rows = [
-        {"n": n, **summary([(n, s, "at") for s in seeds]), "data_best": data_best(n)}
-        for n in base.ablation.ns
-    ]
+    rows = []
+    for n in base.ablation.ns:
+        keys = [(n, s, "at") for s in seeds]
+        slots = data_by_slot(n)
+        rows.append(
+            {
+                "n": n,
+                **summary(keys),
+                "data_best": slots[-1],
+                "data_by_slot": slots,
+                "return_by_attempt": np.mean([evals[k]["return_mean"] for k in keys], 0).tolist(),
+            }
+        )
     dt = summary([(1, s, "dt") for s in seeds]) if base.ablation.dt_baseline else None
     print(
         f"held-out return, mean ± std over seeds {tuple(seeds)}; optimal "
@@ -115,6 +130,11 @@ def main(argv: list[str]) -> None:
     print("on the same goal scored / when none did (n = episodes, pooled over seeds)")
     print("data: best of n: mean return of the best of n trajectories in a training context (the")
     print("relabelled target the last slot imitates; training goals, where the goal is known)")
+    print("per attempt (mean over seeds) against the data's slot k (k-th worst of n draws):")
+    for row in rows:
+        agent = " ".join(f"{r:5.2f}" for r in row["return_by_attempt"])
+        data = " ".join(f"{r:5.2f}" for r in row["data_by_slot"])
+        print(f"n={row['n']:<3} agent {agent}\n      data  {data}")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "ablation.json.tmp"), "w") as f:
         json.dump({"rows": rows, "dt": dt}, f, indent=1)

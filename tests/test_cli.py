@@ -125,6 +125,10 @@ def test_ablate_smoke_table_and_reuse(tmp_path):
     assert "after a success" in proc.stdout
     # The best of n trajectories of a training context grows with n (same goals, more draws).
     assert 0 < table["rows"][0]["data_best"] <= n2["data_best"]
+    # Slots are return-sorted: the data's per-slot curve ascends and ends at the best of n.
+    slots = n2["data_by_slot"]
+    assert len(slots) == 2 and slots[0] <= slots[1] == pytest.approx(n2["data_best"])
+    assert len(n2["return_by_attempt"]) == 2
     # A finished cell is reused only if it was trained the same way.
     proc = _ablate(tmp_path / "abl", "--config.num_steps=3", cwd=tmp_path)
     assert proc.returncode == 2
