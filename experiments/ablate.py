@@ -81,28 +81,28 @@ def main(argv: list[str]) -> None:
             **after_success(rs),
         }
 
-    def data_by_slot(n: int) -> list[float]:
-        """Mean return of the trajectory in each slot of a training context (ascending: slot k
-        holds the k-th worst of n draws; the last slot is the best of n, whose return is the
-        relabelled target), over 1024 sampled contexts of the training goals."""
+    def data_curve(n: int) -> tuple[float, list[float]]:
+        """Over 1024 sampled contexts of the training goals: the mean relabelled target (the
+        best of the n draws) and the mean return of the trajectory in each slot (ascending: slot
+        k holds the k-th worst of the n draws)."""
         config = ablation_context.cell(base, n, 0)
         batch = make_sampler(config, load_data(config, verbose=False), seed=0).sample(1024)
         slot_returns = [
             (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1).mean()
             for k in range(n)
         ]
-        return [float(r) for r in slot_returns]
+        return float(batch["target_returns"][:, 0].mean()), [float(r) for r in slot_returns]
 
     seeds = base.ablation.seeds
     rows = []
     for n in base.ablation.ns:
         keys = [(n, s, "at") for s in seeds]
-        slots = data_by_slot(n)
+        best, slots = data_curve(n)
         rows.append(
             {
                 "n": n,
                 **summary(keys),
-                "data_best": slots[-1],
+                "data_best": best,
                 "data_by_slot": slots,
                 "return_by_attempt": np.mean([evals[k]["return_mean"] for k in keys], 0).tolist(),
             }
