@@ -31,10 +31,10 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from agents import backbone
-from agents.train import put_global
-from ring import decode
-from ring.mesh import DATA
+from ringrl.agents import backbone
+from ringrl.agents.train import put_global
+from ringrl.ring import decode
+from ringrl.ring.mesh import DATA
 
 
 @struct.dataclass

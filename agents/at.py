@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 
-from agents.act import Actor
-from agents.backbone import Backbone
-from agents.sampler import ContextSampler
-from agents.tokens import AT_TOKENS
+from ringrl.agents.act import Actor
+from ringrl.agents.backbone import Backbone
+from ringrl.agents.sampler import ContextSampler
+from ringrl.agents.tokens import AT_TOKENS
 
 
 def make_model(

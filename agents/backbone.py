@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from agents.tokens import TokenEmbed, check_tokens
-from ring.attention import ring_attention
-from ring.ffn import blockwise_ffn
-from ring.layout import check_layout, from_layout, to_layout
-from ring.mesh import DATA, SEQ
-from ring.reference import dense_attention
+from ringrl.agents.tokens import TokenEmbed, check_tokens
+from ringrl.ring.attention import ring_attention
+from ringrl.ring.ffn import blockwise_ffn
+from ringrl.ring.layout import check_layout, from_layout, to_layout
+from ringrl.ring.mesh import DATA, SEQ
+from ringrl.ring.reference import dense_attention
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation

@@ -16,10 +16,10 @@ from typing import Any
 
 import jax
 
-from agents.act import Actor
-from agents.backbone import Backbone
-from agents.sampler import ContextSampler
-from agents.tokens import DT_TOKENS
+from ringrl.agents.act import Actor
+from ringrl.agents.backbone import Backbone
+from ringrl.agents.sampler import ContextSampler
+from ringrl.agents.tokens import DT_TOKENS
 
 
 def make_model(

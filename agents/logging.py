@@ -64,9 +64,6 @@ class MetricLogger:
         os.makedirs(self.workdir, exist_ok=True)
         self._file = open(self.path, "a")  # append: a resumed run continues the same file
         if mode != "disabled":
-            # Our package is called `agents`, which wandb mistakes for OpenAI's and then suggests
-            # installing Weave on every run; nothing here uses Weave.
-            os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
             import wandb
 
             config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})

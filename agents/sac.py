@@ -35,7 +35,7 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from envs import generate
+from ringrl.envs import generate
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 LEVELS = ("random", "medium", "medium-replay", "expert")

@@ -23,8 +23,8 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from agents import backbone
-from ring.mesh import DATA, SEQ
+from ringrl.agents import backbone
+from ringrl.ring.mesh import DATA, SEQ
 
 
 @struct.dataclass

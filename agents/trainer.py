@@ -27,14 +27,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from agents.checkpoint import Checkpointer
-from agents.logging import MetricLogger
-from agents.sampler import ContextSampler
-from agents.train import to_host
-from envs import darkroom
-from envs.evaluate import check_env_id, evaluate, format_table
-from envs.trajectories import Trajectories
-from ring.mesh import make_mesh
+from ringrl.agents.checkpoint import Checkpointer
+from ringrl.agents.logging import MetricLogger
+from ringrl.agents.sampler import ContextSampler
+from ringrl.agents.train import to_host
+from ringrl.envs import darkroom
+from ringrl.envs.evaluate import check_env_id, evaluate, format_table
+from ringrl.envs.trajectories import Trajectories
+from ringrl.ring.mesh import make_mesh
 
 AGENT_MODES = ("at", "ad", "dt")
 _STEP_CACHE: dict[tuple, Any] = {}  # jitted train steps by (model, optim, num_steps, mesh)
@@ -77,11 +77,11 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
     Raises:
       ValueError: an env/dataset that is neither an in-context task nor a loadable D4RL file.
     """
-    from envs.datasets import load_d4rl
+    from ringrl.envs.datasets import load_d4rl
 
     d = config.data
     if _in_context(d.env):
-        from envs.generate import learning_histories
+        from ringrl.envs.generate import learning_histories
 
         name = darkroom.canonical_name(d.env)
         env_id = darkroom.DARKROOM_ID if name == "darkroom" else darkroom.DARKKEYTODOOR_ID
@@ -115,7 +115,7 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
 
 
 def _env_id_of(traj: Trajectories, source: str) -> str:
-    from envs.datasets import D4RL_GYM_IDS
+    from ringrl.envs.datasets import D4RL_GYM_IDS
 
     env_id = traj.metadata.get("env_id")
     if isinstance(env_id, str) and env_id:
@@ -231,7 +231,7 @@ class Agent:
         mesh: jax.sharding.Mesh,
         env_id: str,
     ) -> None:
-        from agents import at, dt, train
+        from ringrl.agents import at, dt, train
 
         self.config, self.sampler, self.mesh, self.env_id = config, sampler, mesh, env_id
         self._train = train
@@ -280,7 +280,7 @@ class Agent:
     @property
     def data_size(self) -> int:
         """Size of the mesh's data axis (environments per actor batch must be a multiple)."""
-        from ring.mesh import DATA
+        from ringrl.ring.mesh import DATA
 
         return int(self.mesh.shape[DATA])
 
@@ -288,7 +288,7 @@ class Agent:
         self, params: Any, *, attempts: int, target_return: float, sample: bool, seed: int
     ) -> ActorPolicy:
         """A cached-actor policy holding `attempts` episodes of at most the env's horizon."""
-        from agents import act
+        from ringrl.agents import act
 
         horizon = env_horizon(self.env_id, self.config.eval.max_steps)
         isolate = self.config.data.mode == "dt"
@@ -433,7 +433,7 @@ def eval_reference(config: ml_collections.ConfigDict, data: Data) -> tuple[float
     tasks = eval_tasks(config, data)
     if tasks is None:
         return None
-    from envs.generate import random_return
+    from ringrl.envs.generate import random_return
 
     name = darkroom.canonical_name(data.env_id)
     optimal = float(np.mean([darkroom.optimal_return(name, t) for t in tasks]))

@@ -1,7 +1,7 @@
 r"""Context-length ablation: the DarkRoom agent with n trajectories in context (and a DT baseline).
 
-  python -m experiments.ablate                        # n in 1,2,4,8,16 x 3 seeds + DT, 3000 steps
-  python -m experiments.ablate --config configs/ablation_context.py:smoke --workdir /tmp/abl
+  ringrl-ablate                        # n in 1,2,4,8,16 x 3 seeds + DT, 3000 steps
+  ringrl-ablate --config configs/ablation_context.py:smoke --workdir /tmp/abl
   ringrl-train --config configs/ablation_context.py:n=8,seed=1    # one cell of the table
 
 experiments/ablate.py trains and evaluates `cell(config, n, seed, agent)` for every n and seed in
@@ -13,7 +13,7 @@ agents differ in how much they see *at once*, not in how much data they are trai
 
 import ml_collections
 
-from configs import at_darkroom, common
+from ringrl.configs import at_darkroom, common
 
 AGENTS = ("at", "dt")
 

@@ -9,7 +9,7 @@ learning order instead of return-sorted, and no target-return conditioning (Lask
 
 import ml_collections
 
-from configs import at_darkroom, common
+from ringrl.configs import at_darkroom, common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

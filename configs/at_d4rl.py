@@ -10,7 +10,7 @@ job for several accelerators with config.mesh = (("data", 1), ("seq", -1)). Eval
 
 import ml_collections
 
-from configs import common, dt_d4rl
+from ringrl.configs import common, dt_d4rl
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ and evaluated on held-out goals for several attempts in a row, earlier attempts 
 
 import ml_collections
 
-from configs import common
+from ringrl.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 r"""Decision Transformer on a D4RL-schema dataset (a real D4RL file or one we generated).
 
-  python -m experiments.collect mujoco --env Hopper-v5 ...         # writes data/hopper-*.hdf5
+  ringrl-collect mujoco --env Hopper-v5 ...         # writes data/hopper-*.hdf5
   ringrl-train --config configs/dt_d4rl.py:path=data/hopper-medium-replay-v2.hdf5 \
       --workdir runs/dt_hopper
   ringrl-train --config configs/dt_d4rl.py:env=hopper-medium-v2    # by name, $D4RL_DATASET_DIR
@@ -8,7 +8,7 @@ r"""Decision Transformer on a D4RL-schema dataset (a real D4RL file or one we ge
 
 import ml_collections
 
-from configs import common
+from ringrl.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -322,7 +322,7 @@ def _register() -> None:
             # The envs truncate at their horizon themselves; max_episode_steps only advertises it
             # (spec.max_episode_steps) and truncates at the same step.
             gym.register(
-                env_id, entry_point=f"envs.darkroom:{cls}", max_episode_steps=HORIZON[name]
+                env_id, entry_point=f"ringrl.envs.darkroom:{cls}", max_episode_steps=HORIZON[name]
             )
 
 

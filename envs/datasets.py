@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from envs.trajectories import Trajectories, read_metadata
+from ringrl.envs.trajectories import Trajectories, read_metadata
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 

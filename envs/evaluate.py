@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
-import envs.darkroom  # noqa: F401  (registers the ringrl/* ids)
+import ringrl.envs.darkroom  # noqa: F401  (registers the ringrl/* ids)
 
 
 class Policy(Protocol):
@@ -141,7 +141,7 @@ def _normalize(
         low, high = reference
         return 100.0 * (returns - low) / (high - low)
     try:
-        from envs import scores
+        from ringrl.envs import scores
     except ImportError:
         return None
     try:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.trajectories import Trajectories
+from ringrl.envs.trajectories import Trajectories
 
 KEYS = ("observation", "action", "reward", "discount")
 

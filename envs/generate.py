@@ -22,8 +22,8 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from envs import darkroom
-from envs.trajectories import Trajectories
+from ringrl.envs import darkroom
+from ringrl.envs.trajectories import Trajectories
 
 Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # obs [B, S] -> actions [B, A]
 

@@ -20,8 +20,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.datasets import check_spaces
-from envs.trajectories import Trajectories
+from ringrl.envs.datasets import check_spaces
+from ringrl.envs.trajectories import Trajectories
 
 # Minari metadata key holding the rest of Trajectories.metadata (JSON) for an exact round trip.
 _METADATA_KEY = "ringrl_metadata"

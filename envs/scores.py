@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from envs.trajectories import Trajectories, read_metadata
+from ringrl.envs.trajectories import Trajectories, read_metadata
 
 # (ref_min_score, ref_max_score) per D4RL task family. All dataset versions and qualities of a
 # family share one pair in d4rl/infos.py (e.g. hopper-random-v0 ... hopper-medium-expert-v2).

@@ -448,7 +448,7 @@ class Trajectories:
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> Trajectories:
         """Same as :func:`envs.datasets.load_d4rl` (reads files written by :meth:`save`)."""
-        from envs.datasets import load_d4rl  # noqa: PLC0415 (datasets imports this module)
+        from ringrl.envs.datasets import load_d4rl  # noqa: PLC0415 (datasets imports this module)
 
         return load_d4rl(path, **kwargs)
 

@@ -17,10 +17,11 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from configs import ablation_context, common
-from envs.evaluate import after_success
+from ringrl.configs import ablation_context
+from ringrl.envs.evaluate import after_success
+from ringrl.experiments import cli
 
-DEFAULT_CONFIG = "configs/ablation_context.py"
+DEFAULT_CONFIG = cli.packaged_config("ablation_context")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-cell runs")
 
 
@@ -32,14 +33,14 @@ def _stats(results: list[dict], key) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ring import distributed
+    from ringrl.ring import distributed
 
     distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
-    from agents.checkpoint import Checkpointer, config_mismatch
-    from agents.trainer import load_data, make_sampler, train_and_evaluate
-    from experiments import plots
+    from ringrl.agents.checkpoint import Checkpointer, config_mismatch
+    from ringrl.agents.trainer import load_data, make_sampler, train_and_evaluate
+    from ringrl.experiments import plots
 
-    base, root = common.flag_value(), _WORKDIR.value
+    base, root = cli.flag_value(), _WORKDIR.value
     cells = [(n, s, "at") for n in base.ablation.ns for s in base.ablation.seeds]
     if base.ablation.dt_baseline:
         cells += [(1, s, "dt") for s in base.ablation.seeds]
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (ringrl-ablate)."""
-    common.run(main, default=DEFAULT_CONFIG)
+    cli.run(main, default=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 r"""Agent benchmark on 8 (virtual) devices: sharded training and cached acting.
 
-  python -m experiments.bench_agent            # full: train 4k/16k/64k tokens, act 1k/8k/32k
-  python -m experiments.bench_agent --quick    # smoke run, small contexts
+  python -m ringrl.experiments.bench_agent            # full: train 4k/16k/64k tokens, act 1k/8k/32k
+  python -m ringrl.experiments.bench_agent --quick    # smoke run, small contexts
 
 (a) Train-step tokens/s of the AT agent (3 layers, width 128) with ring attention over seq=8
     (striped layout) vs a plain single-device model with dense attention, and the per-device
@@ -38,8 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from agents import act, at, backbone, train  # noqa: E402
-from ring.mesh import DATA, SEQ, make_mesh  # noqa: E402
+from ringrl.agents import act, at, backbone, train  # noqa: E402
+from ringrl.ring.mesh import DATA, SEQ, make_mesh  # noqa: E402
 
 HORIZON = 256  # steps per trajectory slot: 1024 tokens per trajectory
 OBS_DIM, ACTIONS = 17, 6

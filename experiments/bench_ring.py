@@ -1,7 +1,7 @@
 r"""Ring attention benchmark: ours vs dense vs the authors' `ringattention`, one table, one run.
 
-  python -m experiments.bench_ring            # full run (~15-25 min on 2 CPU cores)
-  python -m experiments.bench_ring --quick    # smoke run with small T (~1-2 min)
+  python -m ringrl.experiments.bench_ring            # full run (~15-25 min on 2 CPU cores)
+  python -m ringrl.experiments.bench_ring --quick    # smoke run with small T (~1-2 min)
 
 8 virtual CPU devices (XLA_FLAGS set before jax is imported), causal, B=1 H=4 D=64 float32.
 For T in {4096, 16384} (forward + backward) and 65536 (forward only) every row reports the median
@@ -40,11 +40,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from ring.attention import ring_attention  # noqa: E402
-from ring.layout import from_layout, to_layout  # noqa: E402
-from ring.mesh import SEQ, make_mesh  # noqa: E402
-from ring.plan import imbalance_factor  # noqa: E402
-from ring.reference import dense_attention  # noqa: E402
+from ringrl.ring.attention import ring_attention  # noqa: E402
+from ringrl.ring.layout import from_layout, to_layout  # noqa: E402
+from ringrl.ring.mesh import SEQ, make_mesh  # noqa: E402
+from ringrl.ring.plan import imbalance_factor  # noqa: E402
+from ringrl.ring.reference import dense_attention  # noqa: E402
 
 B, H, D = 1, 4, 64
 N_DEV = 8

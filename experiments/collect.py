@@ -1,5 +1,7 @@
-r"""Makes our own datasets.  python -m experiments.collect darkroom [--tasks N --episodes E --out F]
-python -m experiments.collect mujoco --env Hopper-v5 --steps 100000 [--out data/]   (resumable)"""
+r"""Makes our own datasets.
+
+ringrl-collect darkroom [--tasks N --episodes E --out F]
+ringrl-collect mujoco --env Hopper-v5 --steps 100000 [--out data/]   (resumable)"""
 
 import argparse
 import os
@@ -7,7 +9,7 @@ import sys
 import tempfile
 import time
 
-from envs import darkroom, generate
+from ringrl.envs import darkroom, generate
 
 HISTORIES = {"darkroom": (64, 17, 1000), "darkkeytodoor": (100, 20, 1000)}  # train, held-out, eps
 MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
@@ -48,7 +50,7 @@ def mujoco(args: argparse.Namespace) -> None:
     check_writable(out)
     # Small nets on a shared CPU: one XLA thread per op is ~2x faster than contended threads.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_ONE_THREAD}"
-    from agents import sac  # noqa: PLC0415 (jax only for this command)
+    from ringrl.agents import sac  # noqa: PLC0415 (jax only for this command)
 
     t0 = time.time()
     paths = sac.collect_datasets(

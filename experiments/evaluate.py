@@ -13,9 +13,9 @@ import sys
 
 from absl import app, flags
 
-from configs import common
+from ringrl.experiments import cli
 
-DEFAULT_CONFIG = "configs/at_darkroom.py"
+DEFAULT_CONFIG = cli.packaged_config("at_darkroom")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory with checkpoints/", required=True)
 _ATTEMPTS = flags.DEFINE_integer("attempts", None, "attempts per env (default: config.eval)")
 _NUM_ENVS = flags.DEFINE_integer("num_envs", None, "envs acting together (default: config.eval)")
@@ -28,14 +28,14 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ring import distributed
+    from ringrl.ring import distributed
 
     distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     import jax
 
-    from agents.trainer import evaluate_checkpoint, write_eval
-    from envs.evaluate import format_table
-    from experiments import plots
+    from ringrl.agents.trainer import evaluate_checkpoint, write_eval
+    from ringrl.envs.evaluate import format_table
+    from ringrl.experiments import plots
 
     overrides = {
         "attempts": _ATTEMPTS.value,
@@ -58,8 +58,8 @@ def main(argv: list[str]) -> None:
         )
         sys.exit(2)
     for field in fields:
-        overrides[field[len("eval.") :]] = common.flag_value().eval[field[len("eval.") :]]
-    check = common.flag_value() if flags.FLAGS["config"].present else None
+        overrides[field[len("eval.") :]] = cli.flag_value().eval[field[len("eval.") :]]
+    check = cli.flag_value() if flags.FLAGS["config"].present else None
     try:
         config, result = evaluate_checkpoint(
             _WORKDIR.value,
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (ringrl-eval)."""
-    common.run(main, default=DEFAULT_CONFIG)
+    cli.run(main, default=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

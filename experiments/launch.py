@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from ring import distributed
+from ringrl.ring import distributed
 
 
 def free_port() -> int:
@@ -34,13 +34,17 @@ def _stream(rank: int, pipe, lock: threading.Lock) -> None:
 
 
 def launch(entry: list[str], processes: int, devices_per_process: int, grace_s: float = 5.0) -> int:
-    """Runs `python -m experiments.<entry[0]> entry[1:]` in several processes; returns exit code."""
+    """Runs `python -m ringrl.experiments.<entry[0]> entry[1:]` in several processes.
+
+    Returns:
+      the exit code.
+    """
     if processes < 1 or devices_per_process < 1:
         raise ValueError("--processes and --devices-per-process must be >= 1")
     if entry[0].endswith(".py"):  # a script path
         target = [entry[0]]
-    else:  # a module: "train" means experiments.train
-        target = ["-m", entry[0] if "." in entry[0] else f"experiments.{entry[0]}"]
+    else:  # a module: "train" means ringrl.experiments.train
+        target = ["-m", entry[0] if "." in entry[0] else f"ringrl.experiments.{entry[0]}"]
     port, lock, procs, threads = free_port(), threading.Lock(), [], []
     for rank in range(processes):
         env = dict(os.environ)

@@ -1,6 +1,6 @@
 """PNG plots of evaluation results (matplotlib, Agg backend: no display needed).
 
-  python -m experiments.plots OUT.png "AT n=4=runs/at/eval.json" "DT=runs/dt/eval.json" \
+  python -m ringrl.experiments.plots OUT.png "AT n=4=runs/at/eval.json" "DT=runs/dt/eval.json" \
       [--title TEXT]    # return per attempt of several ringrl-eval JSONs in one plot
 """
 

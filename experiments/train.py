@@ -15,9 +15,9 @@ import sys
 
 from absl import app, flags
 
-from configs import common
+from ringrl.experiments import cli
 
-DEFAULT_CONFIG = "configs/at_darkroom.py"
+DEFAULT_CONFIG = cli.packaged_config("at_darkroom")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config.name>)")
 _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
 
@@ -25,15 +25,15 @@ _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoin
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ring import distributed
+    from ringrl.ring import distributed
 
     distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     import jax
 
-    from agents.trainer import train_and_evaluate
-    from experiments import plots
+    from ringrl.agents.trainer import train_and_evaluate
+    from ringrl.experiments import plots
 
-    config = common.flag_value()
+    config = cli.flag_value()
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
         result = train_and_evaluate(config, workdir, resume=_RESUME.value)
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (ringrl-train)."""
-    common.run(main, default=DEFAULT_CONFIG)
+    cli.run(main, default=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

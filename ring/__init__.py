@@ -1,10 +1,10 @@
 """Pure-JAX sequence parallelism: Ring Attention and what it needs."""
 
-from ring.attention import blockwise_attention, ring_attention
-from ring.ffn import blockwise_ffn
-from ring.layout import from_layout, local_positions, to_layout
-from ring.mesh import DATA, SEQ, make_mesh
-from ring.reference import dense_attention
+from ringrl.ring.attention import blockwise_attention, ring_attention
+from ringrl.ring.ffn import blockwise_ffn
+from ringrl.ring.layout import from_layout, local_positions, to_layout
+from ringrl.ring.mesh import DATA, SEQ, make_mesh
+from ringrl.ring.reference import dense_attention
 
 __all__ = [
     "DATA",

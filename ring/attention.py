@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ring.layout import check_layout, local_positions
-from ring.mesh import SEQ
-from ring.softmax import merge
+from ringrl.ring.layout import check_layout, local_positions
+from ringrl.ring.mesh import SEQ
+from ringrl.ring.softmax import merge
 
 _F32 = jnp.float32
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

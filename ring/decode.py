@@ -31,9 +31,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ring.layout import LAYOUTS, local_positions, to_layout
-from ring.mesh import DATA, SEQ
-from ring.softmax import NEG_INF, merge, merge_over_axis
+from ringrl.ring.layout import LAYOUTS, local_positions, to_layout
+from ringrl.ring.mesh import DATA, SEQ
+from ringrl.ring.softmax import NEG_INF, merge, merge_over_axis
 
 
 @jax.tree_util.register_dataclass

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ring.layout import LAYOUTS, local_positions
-from ring.mesh import DATA, SEQ
+from ringrl.ring.layout import LAYOUTS, local_positions
+from ringrl.ring.mesh import DATA, SEQ
 
 DEFAULT_CANDIDATES = (64, 128, 256, 512, 1024, 2048)
 # Matmuls per chunk pair: forward QK^T and PV; backward recomputes QK^T, then dV, dP, dQ, dK.
@@ -464,7 +464,7 @@ def autotune(
     Raises:
       ValueError: the mesh has no SEQ axis, or no candidate divides T_local.
     """
-    from ring.attention import ring_attention  # heavy module; only autotune needs it
+    from ringrl.ring.attention import ring_attention  # heavy module; only autotune needs it
 
     if SEQ not in mesh.axis_names:
         raise ValueError(f"autotune: mesh axes {mesh.axis_names} have no {SEQ!r} axis")
@@ -553,7 +553,7 @@ def _candidate_pairs(candidates) -> list[tuple[int, int]]:
 
 
 def _num_hops(layout: str, stripe: int, window: int | None, t_local: int, n: int) -> int:
-    from ring.attention import num_hops  # the kernel's own rule for which hops run
+    from ringrl.ring.attention import num_hops  # the kernel's own rule for which hops run
 
     return int(num_hops(layout, stripe, window, t_local, n))
 

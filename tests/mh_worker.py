@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from ring import distributed
+from ringrl.ring import distributed
 
 distributed.maybe_initialize()
 
@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from ring import DATA, SEQ, make_mesh  # noqa: E402
+from ringrl.ring import DATA, SEQ, make_mesh  # noqa: E402
 
 mesh = make_mesh([(DATA, 1), (SEQ, -1)])
 n = jax.device_count()

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from agents import act, at, backbone, dt
-from ring.mesh import make_mesh
+from ringrl.agents import act, at, backbone, dt
+from ringrl.ring.mesh import make_mesh
 
 B, S, A = 2, 2, 3
 ATTEMPT_LENGTHS = (3, 4)  # two attempts; the first ends early (done) after 3 steps

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from agents import backbone
-from agents.tokens import AT_TOKENS
-from ring.mesh import make_mesh
+from ringrl.agents import backbone
+from ringrl.agents.tokens import AT_TOKENS
+from ringrl.ring.mesh import make_mesh
 
 B, T, S, A = 4, 16, 3, 5
 

@@ -12,8 +12,8 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from agents.checkpoint import Checkpointer, ConfigMismatchError, config_mismatch
-from ring.mesh import DATA, SEQ, make_mesh
+from ringrl.agents.checkpoint import Checkpointer, ConfigMismatchError, config_mismatch
+from ringrl.ring.mesh import DATA, SEQ, make_mesh
 
 
 @struct.dataclass
@@ -148,8 +148,8 @@ def test_refuses_other_config_and_restores_onto_mesh(tmp_path):
 
 def test_trainer_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch):
     """train_and_evaluate killed right after checkpoint k, resumed to N: bitwise equal params."""
-    from agents import trainer
-    from configs import at_darkroom
+    from ringrl.agents import trainer
+    from ringrl.configs import at_darkroom
 
     config = at_darkroom.get_config("smoke")
     with config.unlocked():

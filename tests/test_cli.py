@@ -11,8 +11,8 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from agents.checkpoint import Checkpointer
-from configs import at_darkroom
+from ringrl.agents.checkpoint import Checkpointer
+from ringrl.configs import at_darkroom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,9 +29,9 @@ def smoke_workdir(tmp_path_factory):
 
 
 def test_train_bad_input(smoke_workdir, tmp_path, monkeypatch, capsys):
-    from agents.checkpoint import ConfigMismatchError
-    from agents.trainer import train_and_evaluate
-    from experiments import train
+    from ringrl.agents.checkpoint import ConfigMismatchError
+    from ringrl.agents.trainer import train_and_evaluate
+    from ringrl.experiments import train
 
     # Through the CLI (config flags parse once per process, so once here).
     monkeypatch.setattr(
@@ -76,7 +76,7 @@ def _module(name, *args, cwd, timeout=300):
 
 def test_eval_more_attempts_than_context(smoke_workdir, tmp_path):
     proc = _module(
-        "experiments.evaluate", f"--workdir={smoke_workdir}", "--attempts=5", cwd=tmp_path
+        "ringrl.experiments.evaluate", f"--workdir={smoke_workdir}", "--attempts=5", cwd=tmp_path
     )
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -87,7 +87,7 @@ def test_eval_more_attempts_than_context(smoke_workdir, tmp_path):
 def test_eval_refuses_overrides_that_training_fixed(smoke_workdir, tmp_path):
     """ringrl-eval applies --config.eval.* overrides; any other field is refused, not ignored."""
     proc = _module(
-        "experiments.evaluate",
+        "ringrl.experiments.evaluate",
         f"--workdir={smoke_workdir}",
         "--config.model.embed_dim=8",
         cwd=tmp_path,
@@ -98,7 +98,7 @@ def test_eval_refuses_overrides_that_training_fixed(smoke_workdir, tmp_path):
 
 def _ablate(workdir, *overrides, cwd):
     return _module(
-        "experiments.ablate",
+        "ringrl.experiments.ablate",
         f"--config={ROOT}/configs/ablation_context.py:smoke",
         f"--workdir={workdir}",
         "--config.wandb.mode=disabled",
@@ -137,7 +137,7 @@ def test_ablate_smoke_table_and_reuse(tmp_path):
 
 
 def test_after_success_split():
-    from envs.evaluate import after_success
+    from ringrl.envs.evaluate import after_success
 
     split = after_success([{"returns": [[0, 0, 3], [2, 5, 0]]}, {"returns": [[0, 0, 0]]}])
     assert split["after_success"] == {"mean": 2.5, "count": 2}  # 5 and 0, after the 2
@@ -147,7 +147,7 @@ def test_after_success_split():
 def test_plots_cli(tmp_path, capsys):
     import json
 
-    from experiments import plots
+    from ringrl.experiments import plots
 
     result = {"return_mean": [1.0, 2.0], "return_std": [0.5, 0.5], "num_episodes": 3}
     (tmp_path / "a.json").write_text(json.dumps(result))

@@ -1,13 +1,14 @@
-"""configs/common.py: the arg parser and config-override validation used by every entry point."""
+"""configs/common.py (the arg parser); experiments/cli.py (config loading, override checks)."""
 
 import ml_collections
 import pytest
 
-from configs import common
+from ringrl.configs import common
+from ringrl.experiments import cli
 
 CONFIG_TEXT = """
 import ml_collections
-from configs import common
+from ringrl.configs import common
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, n=4, smoke=False, env="DarkRoom")
@@ -48,26 +49,26 @@ def test_parse_arg_errors(arg, match):
 
 
 def test_load_config_with_arg(config_file):
-    config = common.load_config(config_file + ":n=16,smoke")
+    config = cli.load_config(config_file + ":n=16,smoke")
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.data.n == 16 and config.optim.lr == 1e-2
 
 
 def test_missing_config_file_names_available():
     with pytest.raises(FileNotFoundError, match="not found; available in configs/"):
-        common.load_config("configs/does_not_exist.py")
+        cli.load_config("configs/does_not_exist.py")
 
 
 def test_bad_override_names_nearest_key(config_file):
     with pytest.raises(KeyError, match=r"--config.optim.lrr; did you mean --config.optim.lr"):
-        common._check_overrides(["--config", config_file, "--config.optim.lrr=3"], "config", "")
+        cli._check_overrides(["--config", config_file, "--config.optim.lrr=3"], "config", "")
     # Valid overrides pass.
-    common._check_overrides([f"--config={config_file}", "--config.optim.lr=3"], "config", "")
+    cli._check_overrides([f"--config={config_file}", "--config.optim.lr=3"], "config", "")
 
 
 def test_flat_keys():
     config = ml_collections.ConfigDict(dict(a=1, b=dict(c=2, d=dict(e=3))))
-    assert common.flat_keys(config) == ["a", "b", "b.c", "b.d", "b.d.e"]
+    assert cli.flat_keys(config) == ["a", "b", "b.c", "b.d", "b.d.e"]
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_entry_point_config_mistakes_exit_2_in_one_line(args, message):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.train", *args], capture_output=True, text=True
+        [sys.executable, "-m", "ringrl.experiments.train", *args], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

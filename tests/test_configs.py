@@ -10,15 +10,15 @@ import os
 import numpy as np
 import pytest
 
-from agents.trainer import train_and_evaluate
-from configs import ablation_context, ad_darkroom, at_d4rl, at_darkroom, dt_d4rl
+from ringrl.agents.trainer import train_and_evaluate
+from ringrl.configs import ablation_context, ad_darkroom, at_d4rl, at_darkroom, dt_d4rl
 
 
 @pytest.fixture(scope="module")
 def hopper_file(tmp_path_factory):
     """A tiny D4RL-schema Hopper-v5 dataset of random-action episodes."""
-    from envs.generate import rollout_episodes, uniform_policy
-    from envs.trajectories import Trajectories
+    from ringrl.envs.generate import rollout_episodes, uniform_policy
+    from ringrl.envs.trajectories import Trajectories
 
     path = str(tmp_path_factory.mktemp("d4rl") / "hopper-random-tiny.hdf5")
     episodes = rollout_episodes(

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from envs.datasets import load_d4rl, qlearning_transitions, resolve_path
-from envs.trajectories import Trajectories
+from ringrl.envs.datasets import load_d4rl, qlearning_transitions, resolve_path
+from ringrl.envs.trajectories import Trajectories
 
 # Hand-made file with 10 rows: terminal at row 2, timeout at row 5, terminal at row 6, then a
 # trailing partial episode (rows 7-9, no flag), as real D4RL files end.
@@ -218,7 +218,7 @@ def test_discrete_actions_outside_darkroom():
     gym = pytest.importorskip("gymnasium")
     if "ringrl/DarkRoom-v0" not in gym.registry:
         pytest.skip("envs.darkroom (other helper) does not register ringrl/DarkRoom-v0 yet")
-    from envs.datasets import check_spaces
+    from ringrl.envs.datasets import check_spaces
 
     tr = Trajectories(
         observations=np.full((4, 2), 4.0),
@@ -233,7 +233,7 @@ def test_discrete_actions_outside_darkroom():
 
 
 def test_d4rl_reference_scores():
-    from envs.scores import normalized_score, reference_scores
+    from ringrl.envs.scores import normalized_score, reference_scores
 
     assert reference_scores("halfcheetah-medium-replay-v2") == (-280.178953, 12135.0)
     assert reference_scores("hopper-expert-v0") == (-20.272305, 3234.3)
@@ -254,7 +254,7 @@ def test_d4rl_reference_scores():
 
 
 def test_dataset_reference_scores(tmp_path):
-    from envs.scores import normalized_score, reference_scores
+    from ringrl.envs.scores import normalized_score, reference_scores
 
     tr = Trajectories(
         observations=np.zeros((4, 2)),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from envs import darkroom
+from ringrl.envs import darkroom
 
 
 def path_to(start, target):

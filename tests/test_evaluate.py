@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from envs.darkroom import MOVES, SIZE
-from envs.evaluate import RandomPolicy, evaluate, format_table
+from ringrl.envs.darkroom import MOVES, SIZE
+from ringrl.envs.evaluate import RandomPolicy, evaluate, format_table
 
 # Explore the four cells next to the start and come back after each (up, down, down, up, ...).
 _SWEEP = [1, 2, 2, 1, 3, 4, 4, 3]

@@ -5,7 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from envs.exorl import load_exorl
+from ringrl.envs.exorl import load_exorl
 
 
 def _save(folder, index, obs, actions, rewards, discount, physics=None, stamp="20220101T000000"):

@@ -7,9 +7,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from envs import darkroom, generate
-from envs.datasets import load_d4rl
-from experiments import collect
+from ringrl.envs import darkroom, generate
+from ringrl.envs.datasets import load_d4rl
+from ringrl.experiments import collect
 
 TASKS = [0, 8, 20, 40, 44, 60, 72, 80]  # corners, centre, middle: near and far goals
 

@@ -8,8 +8,8 @@ import pytest
 
 minari = pytest.importorskip("minari")
 
-from envs.minari_io import export_minari, load_minari  # noqa: E402
-from envs.trajectories import Trajectories  # noqa: E402
+from ringrl.envs.minari_io import export_minari, load_minari  # noqa: E402
+from ringrl.envs.trajectories import Trajectories  # noqa: E402
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ def _launch(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.launch", *args],
+        [sys.executable, "-m", "ringrl.experiments.launch", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -46,8 +46,8 @@ def test_dead_rank_makes_launcher_fail_fast():
 
 def test_survivor_exits_on_its_own_when_a_peer_dies():
     """Without the launcher, the heartbeat timeout (ring/distributed.py) ends the survivor."""
-    from experiments.launch import free_port
-    from ring import distributed
+    from ringrl.experiments.launch import free_port
+    from ringrl.ring import distributed
 
     port = free_port()
     procs = []
@@ -95,7 +95,7 @@ def _train(workdir, processes: int, *extra: str) -> None:
     if processes == 1:
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
         proc = subprocess.run(
-            [sys.executable, "-m", "experiments.train", *args],
+            [sys.executable, "-m", "ringrl.experiments.train", *args],
             env=env,
             capture_output=True,
             text=True,

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import ring.attention as ring_attention_module
-from ring import DATA, SEQ, make_mesh
-from ring.attention import blockwise_attention, num_hops, ring_attention
-from ring.layout import from_layout, local_positions, to_layout
-from ring.reference import dense_attention
+import ringrl.ring.attention as ring_attention_module
+from ringrl.ring import DATA, SEQ, make_mesh
+from ringrl.ring.attention import blockwise_attention, num_hops, ring_attention
+from ringrl.ring.layout import from_layout, local_positions, to_layout
+from ringrl.ring.reference import dense_attention
 
 # Fresh inputs each run; replay a failure with RING_TEST_SEED=<seed printed in the message>.
 SEED = int(os.environ.get("RING_TEST_SEED", time.time_ns() % 2**32))

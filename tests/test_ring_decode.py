@@ -9,10 +9,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ring import decode
-from ring.layout import local_positions
-from ring.mesh import DATA, SEQ, make_mesh
-from ring.reference import dense_attention
+from ringrl.ring import decode
+from ringrl.ring.layout import local_positions
+from ringrl.ring.mesh import DATA, SEQ, make_mesh
+from ringrl.ring.reference import dense_attention
 
 B, T, H, D = 2, 32, 2, 8
 

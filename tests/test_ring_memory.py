@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ring import DATA, SEQ, make_mesh
-from ring.attention import ring_attention
-from ring.ffn import blockwise_ffn, mlp
+from ringrl.ring import DATA, SEQ, make_mesh
+from ringrl.ring.attention import ring_attention
+from ringrl.ring.ffn import blockwise_ffn, mlp
 
 # Fresh inputs each run; replay a failure with RING_TEST_SEED=<seed printed in the message>.
 SEED = int(os.environ.get("RING_TEST_SEED", time.time_ns() % 2**32))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ring.attention import ring_attention
-from ring.mesh import SEQ, make_mesh
-from ring.plan import autotune, chunk_work, imbalance_factor, memory_model, plan
+from ringrl.ring.attention import ring_attention
+from ringrl.ring.mesh import SEQ, make_mesh
+from ringrl.ring.plan import autotune, chunk_work, imbalance_factor, memory_model, plan
 
 HW = dict(flops_per_s=50e9, link_bytes_per_s=10e9)
 

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from agents import sac
-from envs import generate
-from envs.datasets import load_d4rl
+from ringrl.agents import sac
+from ringrl.envs import generate
+from ringrl.envs.datasets import load_d4rl
 
 # Hopper with a 40-step time limit, so that both terminations and timeouts occur at tiny size.
 ENV = "ringrl-test/HopperShort-v5"

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from agents.sampler import ContextSampler
-from envs.trajectories import Trajectories
+from ringrl.agents.sampler import ContextSampler
+from ringrl.envs.trajectories import Trajectories
 
 
 def make_trajectories(with_tasks=True, seed=0):

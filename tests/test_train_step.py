@@ -7,10 +7,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from agents import at, train
-from agents.sampler import ContextSampler
-from envs.trajectories import Trajectories
-from ring.mesh import DATA, SEQ, make_mesh
+from ringrl.agents import at, train
+from ringrl.agents.sampler import ContextSampler
+from ringrl.envs.trajectories import Trajectories
+from ringrl.ring.mesh import DATA, SEQ, make_mesh
 
 N_TRAJ, HORIZON, BATCH = 2, 4, 4
 

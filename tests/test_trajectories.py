@@ -7,9 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
-from envs import trajectories as trajectories_module
-from envs.datasets import load_d4rl
-from envs.trajectories import Trajectories
+from ringrl.envs import trajectories as trajectories_module
+from ringrl.envs.datasets import load_d4rl
+from ringrl.envs.trajectories import Trajectories
 
 
 def _episodes(rng, lengths=(3, 4, 5, 2), discrete=False, next_obs=False):
