@@ -7,13 +7,22 @@ One checkpoint = one step directory under `workdir/checkpoints/` holding three i
   config:  the run's config (JSON), checked against the current config on resume.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint intact; only the last `keep` steps are kept.
+mid-save leaves the previous checkpoint intact; only the last `keep` steps are kept (-1: all).
+
+After orbax has finished a step, `ringrl_files.json` in the step directory records the size and
+CRC-32 of every file in it. Restoring checks them first, so a truncated, missing or altered file
+is reported as one line naming the step and the file (`CheckpointCorruptError`) instead of a
+TensorStore traceback, and `restore_newest` can fall back to the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
+import shutil
+import sys
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,8 +39,45 @@ MATCH_GROUPS = ("model", "data")
 IGNORE_KEYS = ("data.dir",)
 
 
+MANIFEST = "ringrl_files.json"  # per step: {relative path: [size, crc32]} of its files
+ITEMS = ("state", "sampler", "config")
+KEEP_ALL = -1  # `keep` value that keeps every checkpoint
+
+
 class ConfigMismatchError(ValueError):
     """The checkpoint was written by a run with a different model/data config."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files are missing, truncated or altered; the message names step and file."""
+
+    def __init__(self, step: int, path: str, reason: str) -> None:
+        super().__init__(f"checkpoint step {step} is unreadable: {path}: {reason}")
+        self.step, self.path = step, path
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_table(step_dir: str) -> dict[str, list[int]]:
+    table = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel != MANIFEST:
+                table[rel] = [os.path.getsize(path), _crc32(path)]
+    return table
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -135,15 +181,26 @@ class Checkpointer:
       ckpt.save(step, state, sampler_state=sampler.state_dict(), config=config)
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3) -> None:
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, create: bool = True) -> None:
         """Args:
-        directory: where the step directories live (created if absent).
-        keep: how many most recent checkpoints to keep.
+        directory: where the step directories live (created if absent and `create`).
+        create: False for readers (evaluation): a missing directory is a FileNotFoundError.
+        keep: how many most recent checkpoints to keep (>= 1), or KEEP_ALL (-1).
+
+        Raises:
+          ValueError: `keep` is neither >= 1 nor KEEP_ALL.
         """
+        if keep < 1 and keep != KEEP_ALL:
+            raise ValueError(
+                f"keep_checkpoints={keep} would delete every checkpoint; use >= 1, or {KEEP_ALL} "
+                "to keep all of them"
+            )
         self.directory = os.path.abspath(os.fspath(directory))
+        if not create and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoint in {self.directory}; train first (no --resume)")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
+            max_to_keep=None if keep == KEEP_ALL else keep,
+            create=create,
             # Synchronous: a save has finished (and been renamed into place) when save() returns,
             # which is what makes "killed after step k" resumable from step k.
             enable_async_checkpointing=False,
@@ -186,17 +243,89 @@ class Checkpointer:
         )
         self._manager.save(int(step), args=args, force=True)
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            step_dir = self.step_dir(step)
+            tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(_file_table(step_dir), f)
+            os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+    def step_dir(self, step: int) -> str:
+        """The directory of checkpoint `step`."""
+        return os.path.join(self.directory, str(int(step)))
+
+    def verify(self, step: int) -> None:
+        """Checks checkpoint `step`'s files against the sizes and CRCs recorded when it was saved.
+
+        A checkpoint saved without the record (older runs, or killed between orbax's rename and
+        the record) is only checked for its three item folders; its files are checked by orbax
+        when read.
+
+        Raises:
+          CheckpointCorruptError: naming the step and the first missing, truncated or altered file.
+        """
+        step_dir = self.step_dir(step)
+        manifest = os.path.join(step_dir, MANIFEST)
+        if not os.path.exists(manifest):
+            for item in ITEMS:
+                if not os.path.isdir(os.path.join(step_dir, item)):
+                    raise CheckpointCorruptError(step, os.path.join(step_dir, item), "missing")
+            return
+        try:
+            with open(manifest) as f:
+                table = json.load(f)
+        except (OSError, ValueError) as err:
+            raise CheckpointCorruptError(step, manifest, _first_line(err)) from None
+        for rel, (size, crc) in sorted(table.items()):
+            path = os.path.join(step_dir, rel)
+            if not os.path.isfile(path):
+                raise CheckpointCorruptError(step, path, "missing")
+            actual = os.path.getsize(path)
+            if actual != size:
+                raise CheckpointCorruptError(
+                    step, path, f"{actual} bytes, {size} when saved (truncated or overwritten)"
+                )
+            if _crc32(path) != crc:
+                raise CheckpointCorruptError(step, path, "contents changed since it was saved")
+
+    def _read(self, step: int, item: str, args: Any, *, verify: bool = True) -> Any:
+        """`manager.restore` with unreadable files turned into CheckpointCorruptError."""
+        if verify:
+            self.verify(step)
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as err:  # noqa: BLE001 (orbax/TensorStore raise many types)
+            path = os.path.join(self.step_dir(step), item)
+            if item != "state":
+                path = os.path.join(path, "metadata")
+            raise CheckpointCorruptError(step, path, _first_line(err)) from None
 
     def saved_config(self, step: int | None = None) -> dict[str, Any]:
         """The config stored with checkpoint `step` (default: latest) as a plain dict."""
         step = self._resolve(step)
-        out = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        out = self._read(step, "config", ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(out.config)
 
     def check_config(self, config: Any, step: int | None = None) -> None:
-        """Raises ConfigMismatchError naming the model/data keys that differ from checkpoint."""
+        """Raises ConfigMismatchError naming the model/data keys that differ from checkpoint.
+
+        With `step=None` the newest checkpoint that reads is compared (unreadable newer ones are
+        reported by `restore_newest`); if none reads there is nothing to compare.
+        """
         current = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        diff = config_mismatch(self.saved_config(step), current)
+        if step is None:
+            saved = None
+            for s in reversed(self.all_steps()):
+                try:
+                    saved = self.saved_config(s)
+                    break
+                except CheckpointCorruptError:
+                    continue
+            if saved is None:
+                return
+        else:
+            saved = self.saved_config(step)
+        diff = config_mismatch(saved, current)
         if diff:
             raise ConfigMismatchError(
                 f"checkpoint in {self.directory} was written with a different config "
@@ -221,24 +350,69 @@ class Checkpointer:
         Raises:
           FileNotFoundError: no checkpoint in the directory (or not that step).
           ConfigMismatchError: `config` differs from the stored config.
+          CheckpointCorruptError: the checkpoint's files are damaged (names step and file).
         """
         step = self._resolve(step)
         if config is not None:
             self.check_config(config, step)
         abstract = jax.tree.map(lambda x: _abstract_key_data(_abstract(x)), target)
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), sampler=ocp.args.JsonRestore()
-            ),
-        )
+        sampler = self._read(step, "sampler", ocp.args.Composite(sampler=ocp.args.JsonRestore()))
+        state_args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        out = self._read(step, "state", state_args, verify=False)
+        sampler = sampler.sampler
         # Re-wrap key data into typed keys where the target had typed keys.
         state = jax.tree.map(
             lambda t, x: jax.random.wrap_key_data(x, impl=_key_impl(t)) if _is_key(t) else x,
             target,
             out.state,
         )
-        return state, _from_jsonable(dict(out.sampler or {}))
+        return state, _from_jsonable(dict(sampler or {}))
+
+    def restore_newest(
+        self, target: Any, *, config: Any = None, set_aside: bool = True
+    ) -> tuple[int, Any, dict[str, Any]]:
+        """Restores the newest intact checkpoint, falling back past damaged ones.
+
+        Each damaged checkpoint is reported on stderr (one line naming step and file) and, with
+        `set_aside`, moved to `<directory>.corrupt/<step>` (kept for inspection; out of the way of
+        the steps the resumed run will save again).
+
+        Args:
+          target: as for `restore`.
+          config: if given, the restored checkpoint's config must agree with it.
+          set_aside: move damaged checkpoints out of the directory.
+
+        Returns:
+          (step, state, sampler state).
+
+        Raises:
+          FileNotFoundError: no checkpoint at all.
+          CheckpointCorruptError: every checkpoint is damaged (names the oldest one's file).
+          ConfigMismatchError: the newest intact checkpoint was written with another config.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}; train first (no --resume)")
+        for i, step in enumerate(reversed(steps)):
+            try:
+                state, sampler_state = self.restore(target, step=step, config=config)
+            except CheckpointCorruptError as err:
+                older = steps[-i - 2] if i + 1 < len(steps) else None
+                if older is None:
+                    raise CheckpointCorruptError(
+                        step, err.path, f"{str(err).split(': ', 2)[-1]}; no older checkpoint left"
+                    ) from None
+                moved = ""
+                if set_aside and jax.process_index() == 0:
+                    aside = os.path.join(self.directory + ".corrupt", str(step))
+                    os.makedirs(os.path.dirname(aside), exist_ok=True)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    shutil.move(self.step_dir(step), aside)
+                    moved = f" (moved to {aside})"
+                print(f"warning: {err}{moved}; falling back to step {older}", file=sys.stderr)
+                continue
+            return step, state, sampler_state
+        raise AssertionError("unreachable")
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()

@@ -40,6 +40,9 @@ class MetricLogger:
         "disabled". The WANDB_MODE environment variable, if set, wins (tests set "disabled").
       project: wandb project name.
       name: wandb run name (default: the workdir's basename).
+      resume_step: the step the run starts from. Rows of `metrics.jsonl` past it (written by a
+        run that was killed or fell back to an older checkpoint) are dropped, so every step is
+        logged once; None keeps the file as it is.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class MetricLogger:
         wandb_mode: str = "offline",
         project: str = "ringrl",
         name: str | None = None,
+        resume_step: int | None = None,
     ) -> None:
         mode = os.environ.get("WANDB_MODE", wandb_mode)
         if mode not in WANDB_MODES:
@@ -62,6 +66,8 @@ class MetricLogger:
         if not self.active:
             return
         os.makedirs(self.workdir, exist_ok=True)
+        if resume_step is not None:
+            drop_rows_after(self.path, resume_step)
         self._file = open(self.path, "a")  # append: a resumed run continues the same file
         if mode != "disabled":
             import wandb
@@ -101,6 +107,36 @@ class MetricLogger:
         if self._run is not None:
             self._run.finish()
             self._run = None
+
+
+def drop_rows_after(path: str | os.PathLike, step: int) -> int:
+    """Rewrites a metrics.jsonl file without its rows past `step` (atomically).
+
+    A torn last line (the writer was killed mid-row) is dropped too.
+
+    Returns:
+      the number of rows dropped.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    dropped = len(lines) - len(keep)
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return dropped
 
 
 def _run_id(workdir: str) -> str:

@@ -27,10 +27,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from ringrl.agents import validate
 from ringrl.agents.checkpoint import Checkpointer
 from ringrl.agents.logging import MetricLogger
 from ringrl.agents.sampler import ContextSampler
 from ringrl.agents.train import to_host
+from ringrl.agents.workdir import WorkdirLock, check_workdir
 from ringrl.envs import darkroom
 from ringrl.envs.evaluate import check_env_id, evaluate, format_table
 from ringrl.envs.trajectories import Trajectories
@@ -77,7 +79,7 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
     Raises:
       ValueError: an env/dataset that is neither an in-context task nor a loadable D4RL file.
     """
-    from ringrl.envs.datasets import load_d4rl
+    from ringrl.envs.datasets import check_spaces, load_cache, load_d4rl
 
     d = config.data
     if _in_context(d.env):
@@ -91,9 +93,8 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
             name, d.num_train_tasks, d.num_heldout_tasks, seed=d.split_seed
         )
         path = histories_path(config)
-        if os.path.exists(path):
-            traj = load_d4rl(path)
-        else:
+        traj = load_cache(path)  # None if absent, or unreadable (says so; regenerated below)
+        if traj is None:
             start = time.perf_counter()
             traj = learning_histories(name, train, d.episodes_per_task, seed=d.history_seed)
             os.makedirs(d.dir, exist_ok=True)
@@ -103,6 +104,7 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
                     f"generated {traj.num_episodes} episodes ({len(train)} goals x "
                     f"{d.episodes_per_task}) in {time.perf_counter() - start:.1f}s -> {path}"
                 )
+        check_spaces(traj, env_id, source=path)
         return Data(traj, env_id, train, heldout, score_name=env_id)
     source = d.path or d.env
     if not source:
@@ -110,6 +112,7 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
     traj = load_d4rl(source)
     env_id = config.eval.env_id or _env_id_of(traj, source)
     check_env_id(env_id)
+    check_spaces(traj, env_id, source=source)  # before the first step, however it was named
     score_name = traj.metadata.get("dataset_name") or source
     return Data(traj, env_id, None, None, score_name=score_name)
 
@@ -333,8 +336,14 @@ def train_and_evaluate(
       agents.checkpoint.ConfigMismatchError: resuming a checkpoint of a different config.
     """
     jax.config.update("jax_threefry_partitionable", True)
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    validate.check(config)  # every field, before any data is loaded or anything is written
+    workdir = check_workdir(workdir)
+    # One run per workdir (process 0 holds the lock for a multi-process run).
+    with WorkdirLock(workdir, active=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir, resume)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, resume: bool) -> dict:
     # Cheap checks first: the workdir's checkpoints, the mesh, the data, the evaluation context.
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     latest = ckpt.latest_step()
@@ -351,11 +360,15 @@ def train_and_evaluate(
     sampler = make_sampler(config, data, seed=config.seed)
     agent = Agent(config, sampler, mesh, data.env_id)
     state = agent.init_state(jax.random.key(config.seed))
-    if resume and latest is not None:
-        state, sampler_state = ckpt.restore(state, config=config)
+    if resume and latest is not None:  # the newest intact checkpoint; damaged ones are reported
+        _, state, sampler_state = ckpt.restore_newest(state, config=config)
         sampler.load_state_dict(sampler_state)
     logger = MetricLogger(
-        workdir, config, wandb_mode=config.wandb.mode, project=config.wandb.project
+        workdir,
+        config,
+        wandb_mode=config.wandb.mode,
+        project=config.wandb.project,
+        resume_step=int(jax.device_get(state.step)),  # rows of a killed run past it are dropped
     )
     try:
         train_metrics = _train_loop(config, agent, state, sampler, ckpt, logger, data, workdir)
@@ -533,7 +546,8 @@ def evaluate_checkpoint(
         many attempts for the model, unknown override fields.
     """
     jax.config.update("jax_threefry_partitionable", True)
-    ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"))
+    workdir = check_workdir(workdir, create=False)  # a mistyped path is not created
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
     try:
         saved = ckpt.saved_config(step)
         if config is not None:

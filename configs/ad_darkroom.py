@@ -14,7 +14,7 @@ from ringrl.configs import at_darkroom, common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Args (`configs/ad_darkroom.py:key=value,...`): n (episodes per context), smoke."""
-    arg = common.parse_arg(arg, n=4, smoke=False)
+    arg = common.parse_arg(arg, n=0, smoke=False)  # n=0: at_darkroom's default
     config = at_darkroom.get_config(f"n={arg.n}" + (",smoke" if arg.smoke else ""))
     config.name = "ad_darkroom"
     config.data.mode = "ad"  # consecutive episodes of one learning history, in learning order

@@ -16,7 +16,8 @@ from ringrl.configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Args (`configs/at_darkroom.py:key=value,...`): n (trajectories per context), smoke."""
-    arg = common.parse_arg(arg, n=4, smoke=False)
+    arg = common.parse_arg(arg, n=0, smoke=False)  # n=0: not given (4, or 2 with smoke)
+    n = arg.n or (2 if arg.smoke else 4)
     config = ml_collections.ConfigDict()
     config.name = "at_darkroom"  # default workdir runs/<name>
     config.seed = 0  # model init and batch sampling
@@ -35,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         episodes_per_task=100,  # length of each goal's learning history, in episodes
         history_seed=0,  # seed of the Q-learners that write the histories
         mode="at",  # sampler: "at" return-sorted trajectories, "ad" consecutive, "dt" window
-        num_trajectories=arg.n,  # n: trajectories per context
+        num_trajectories=n,  # n: trajectories per context
         horizon=20,  # steps reserved per trajectory (DarkRoom episodes have 20)
         context_steps=0,  # "dt" only: window of K steps; "at"/"ad" use n * horizon
     )
@@ -60,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval = dict(
         every=0,  # steps between evaluations during training (0: only at the end)
         tasks="heldout",  # "heldout" goals or "train" goals
-        attempts=arg.n,  # episodes in a row per goal, earlier ones in context (<= n)
+        attempts=n,  # episodes in a row per goal, earlier ones in context (<= n)
         num_envs=24,  # environments acting together (the cached actor's batch)
         seed=100,  # environment seeds
         # Target-return token at evaluation: about the mean best return of the training goals
@@ -81,10 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.num_train_tasks = 4
         config.data.num_heldout_tasks = 2
         config.data.episodes_per_task = 4
-        config.data.num_trajectories = 2
         config.model.embed_dim = 16
         config.model.num_layers = 1
         config.model.num_heads = 2
-        config.eval.attempts = 2
         config.eval.num_envs = 2
     return config

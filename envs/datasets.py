@@ -9,6 +9,7 @@ loading holds about one copy of the data plus HDF5's small conversion buffers.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -46,6 +47,11 @@ def resolve_path(path_or_name: str | os.PathLike) -> tuple[str, str | None]:
     s = os.fspath(path_or_name)
     looks_like_path = os.sep in s or s.endswith((".hdf5", ".h5")) or os.path.exists(s)
     if looks_like_path:
+        if os.path.isdir(s):
+            raise ValueError(
+                f"D4RL dataset path {s!r} is a directory, not a file; fix: pass the .hdf5 file "
+                "inside it"
+            )
         if not os.path.isfile(s):
             raise FileNotFoundError(
                 f"D4RL dataset file {s!r} does not exist; fix: check the path (datasets are never "
@@ -113,11 +119,59 @@ def load_d4rl(
         Trajectories (metadata gets ``dataset_name`` when loaded by name).
     """
     path, name = resolve_path(path_or_name)
-    if not h5py.is_hdf5(path):
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or err}); fix: check it") from None
+    if not is_hdf5:
         raise ValueError(
             f"{path}: not an HDF5 file; fix: pass a D4RL-style .hdf5 file (observations, "
             "actions, rewards, terminals, timeouts)"
         )
+    try:
+        traj = _load(path, name, drop_trailing_partial, load_next_observations)
+    except (OSError, KeyError, TypeError, RuntimeError) as err:
+        # h5py's errors for damaged files (truncated, bad offsets, unreadable chunks).
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: the HDF5 file is damaged or truncated ({reason}); fix: rewrite or "
+            "re-download it"
+        ) from None
+    if check_env:
+        env = env_id
+        explicit = env_id is not None
+        if env is None and isinstance(traj.metadata.get("env_id"), str):
+            env = traj.metadata["env_id"]
+        if env is None and name is not None:
+            env = D4RL_GYM_IDS.get(name.split("-")[0].split("_")[0])
+        if env is not None:
+            check_spaces(traj, env, source=path, strict=explicit)
+    return traj
+
+
+def load_cache(path: str | os.PathLike) -> Trajectories | None:
+    """Loads a file this project generated and cached (e.g. learning histories under data/).
+
+    Returns:
+        the trajectories, or None when the file is absent or unreadable; an unreadable file is
+        reported on stderr, with the fact that it will be regenerated (the caller writes it anew).
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        return load_d4rl(path, check_env=False)
+    except ValueError as err:
+        print(
+            f"warning: cached file {os.fspath(path)} is unreadable ({err}); it will be regenerated",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _load(
+    path: str, name: str | None, drop_trailing_partial: bool, load_next_observations: bool
+) -> Trajectories:
+    """The body of `load_d4rl` for a resolved HDF5 `path` (no environment checks)."""
     with h5py.File(path, "r") as f:
         missing = [k for k in REQUIRED_KEYS if k not in f or not isinstance(f[k], h5py.Dataset)]
         if missing:
@@ -207,15 +261,6 @@ def load_d4rl(
         )
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    if check_env:
-        env = env_id
-        explicit = env_id is not None
-        if env is None and isinstance(metadata.get("env_id"), str):
-            env = metadata["env_id"]
-        if env is None and name is not None:
-            env = D4RL_GYM_IDS.get(name.split("-")[0].split("_")[0])
-        if env is not None:
-            check_spaces(traj, env, source=path, strict=explicit)
     return traj
 
 

@@ -75,6 +75,34 @@ def load_minari(
             f"datasets: {local or 'none'}; fix: set MINARI_DATASETS_PATH to the folder holding "
             "it or create it with export_minari (datasets are never downloaded here)"
         )
+    try:
+        traj = _read_dataset(minari, dataset_id, load_next_observations)
+    except ValueError as err:
+        if str(err).startswith("Minari dataset"):
+            raise  # our own checks already name the dataset and the fix
+        raise _damaged(dataset_id, path, err) from None
+    except Exception as err:  # noqa: BLE001 (h5py/minari/json raise many types for bad files)
+        raise _damaged(dataset_id, path, err) from None
+    metadata = traj.metadata
+    if check_env:
+        env = env_id if env_id is not None else metadata.get("env_id")
+        if isinstance(env, str):
+            source = f"Minari dataset {dataset_id!r}"
+            check_spaces(traj, env, source=source, strict=env_id is not None)
+    return traj
+
+
+def _damaged(dataset_id: str, path: str, err: BaseException) -> ValueError:
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return ValueError(
+        f"Minari dataset {dataset_id!r} ({path}) is damaged and cannot be read "
+        f"({type(err).__name__}: {reason}); fix: re-create it with export_minari or delete that "
+        "folder"
+    )
+
+
+def _read_dataset(minari: Any, dataset_id: str, load_next_observations: bool) -> Trajectories:
+    """Reads a local Minari dataset into Trajectories (the body of `load_minari`)."""
     dataset = minari.load_dataset(dataset_id)
     obs_space, act_space = dataset.observation_space, dataset.action_space
     if not isinstance(obs_space, gym.spaces.Box):
@@ -164,11 +192,6 @@ def load_minari(
         )
     except ValueError as err:
         raise ValueError(f"Minari dataset {dataset_id!r}: {err}") from None
-    if check_env:
-        env = env_id if env_id is not None else metadata.get("env_id")
-        if isinstance(env, str):
-            source = f"Minari dataset {dataset_id!r}"
-            check_spaces(traj, env, source=source, strict=env_id is not None)
     return traj
 
 

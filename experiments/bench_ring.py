@@ -23,9 +23,10 @@ parallel critical path: load balance is reported from ring.plan's exact chunk-wo
 
 import os
 
+from ringrl.experiments import xla_flags
+
 _FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+xla_flags.force_host_devices(8)  # with generous collective timeouts (busy shared cores)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402

@@ -137,6 +137,9 @@ def run(main: Callable[[list[str]], None], *, flag_name: str = "config", default
         print(f"error: {msg}".splitlines()[0], file=sys.stderr)
         sys.exit(2)
 
+    from ringrl.experiments import xla_flags
+
+    xla_flags.guard_host_devices()  # forced host devices: generous collective timeouts
     errors = (FileNotFoundError, KeyError, ValueError, flags.Error, AttributeError)
     try:
         _check_overrides(sys.argv[1:], flag_name, default)

@@ -34,6 +34,11 @@ def histories(args: argparse.Namespace) -> None:
     train_n = train_n if args.tasks is None else args.tasks
     episodes = episodes if args.episodes is None else args.episodes
     out = args.out or os.path.join("data", f"{args.kind}_histories.hdf5")
+    if os.path.isdir(out):  # checked before generating, not when saving
+        fail(
+            f"--out {out!r} is a directory; pass a file path, e.g. "
+            f"{os.path.join(out, args.kind + '_histories.hdf5')}"
+        )
     check_writable(os.path.dirname(os.path.abspath(out)))
     train, heldout = darkroom.task_split(args.kind, train_n, heldout_n, args.seed)
     t0 = time.time()
@@ -47,6 +52,8 @@ def mujoco(args: argparse.Namespace) -> None:
     if args.env not in MUJOCO:
         fail(f"unknown --env {args.env!r}; valid: {', '.join(MUJOCO)}")
     out = args.out or "data"
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out!r} is a file; mujoco writes several datasets, pass a folder")
     check_writable(out)
     # Small nets on a shared CPU: one XLA thread per op is ~2x faster than contended threads.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_ONE_THREAD}"

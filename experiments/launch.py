@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+from ringrl.experiments import xla_flags
 from ringrl.ring import distributed
 
 
@@ -54,12 +55,8 @@ def launch(entry: list[str], processes: int, devices_per_process: int, grace_s: 
                 distributed.NUM_PROCESSES_ENV: str(processes),
                 distributed.PROCESS_ID_ENV: str(rank),
                 "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": " ".join(
-                    f
-                    for f in env.get("XLA_FLAGS", "").split()
-                    if not f.startswith("--xla_force_host_platform_device_count")
-                )
-                + f" --xla_force_host_platform_device_count={devices_per_process}",
+                # D virtual devices per worker, collectives tolerant of busy cores.
+                "XLA_FLAGS": xla_flags.host_devices(env.get("XLA_FLAGS", ""), devices_per_process),
             }
         )
         p = subprocess.Popen(

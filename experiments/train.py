@@ -31,14 +31,16 @@ def main(argv: list[str]) -> None:
     import jax
 
     from ringrl.agents.trainer import train_and_evaluate
+    from ringrl.agents.validate import ConfigError
     from ringrl.experiments import plots
 
     config = cli.flag_value()
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
         result = train_and_evaluate(config, workdir, resume=_RESUME.value)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit 2
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line (per config field), exit 2
+        lines = e.errors if isinstance(e, ConfigError) else [str(e).splitlines()[0]]
+        print("\n".join(f"error: {line}" for line in lines), file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:
         ev = result["eval"]

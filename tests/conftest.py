@@ -1,10 +1,11 @@
-"""Test setup: 8 virtual CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 virtual CPU devices (generous collective timeouts), set before jax starts."""
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+from ringrl.experiments import xla_flags  # standard library only: jax starts after this
+
+# 8 virtual devices, and collectives that tolerate a busy machine (see experiments/xla_flags.py).
+xla_flags.force_host_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
