@@ -76,8 +76,13 @@ def _file_table(step_dir: str) -> dict[str, list[int]]:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
+    """The first line of the innermost exception (TensorStore's reason, not orbax's wrapper)."""
+    seen = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    texts = [str(e).strip() for e in reversed(seen) if str(e).strip()]
+    return texts[0].splitlines()[0][:1000] if texts else type(seen[-1]).__name__
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -245,9 +250,10 @@ class Checkpointer:
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
             step_dir = self.step_dir(step)
+            table = _file_table(step_dir)
             tmp = os.path.join(step_dir, MANIFEST + ".tmp")
             with open(tmp, "w") as f:
-                json.dump(_file_table(step_dir), f)
+                json.dump(table, f)
             os.replace(tmp, os.path.join(step_dir, MANIFEST))
 
     def step_dir(self, step: int) -> str:
