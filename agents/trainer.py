@@ -32,7 +32,7 @@ from ringrl.agents.checkpoint import Checkpointer
 from ringrl.agents.logging import MetricLogger
 from ringrl.agents.sampler import ContextSampler
 from ringrl.agents.train import to_host
-from ringrl.agents.workdir import WorkdirLock, check_workdir
+from ringrl.agents.workdir import WorkdirLock, check_workdir, remove_if_unused
 from ringrl.envs import darkroom
 from ringrl.envs.evaluate import check_env_id, evaluate, format_table
 from ringrl.envs.trajectories import Trajectories
@@ -337,10 +337,15 @@ def train_and_evaluate(
     """
     jax.config.update("jax_threefry_partitionable", True)
     validate.check(config)  # every field, before any data is loaded or anything is written
+    created = not os.path.exists(workdir)
     workdir = check_workdir(workdir)
-    # One run per workdir (process 0 holds the lock for a multi-process run).
-    with WorkdirLock(workdir, active=jax.process_index() == 0):
-        return _train_and_evaluate(config, workdir, resume)
+    try:  # one run per workdir (process 0 holds the lock for a multi-process run)
+        with WorkdirLock(workdir, active=jax.process_index() == 0):
+            return _train_and_evaluate(config, workdir, resume)
+    except Exception:
+        if created and jax.process_index() == 0:
+            remove_if_unused(workdir)  # refused before writing anything: leave no empty workdir
+        raise
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, resume: bool) -> dict:

@@ -56,6 +56,30 @@ def check_workdir(workdir: str | os.PathLike, *, create: bool = True) -> str:
     return path
 
 
+def remove_if_unused(workdir: str | os.PathLike) -> bool:
+    """Removes a workdir that holds nothing but a lock file and empty folders.
+
+    For a run refused before it wrote anything (bad data, say), so a fresh workdir is not left
+    behind half made.
+
+    Returns:
+      True if the workdir was removed.
+    """
+    path = os.fspath(workdir)
+    for root, dirs, files in os.walk(path, topdown=False):
+        if any(not (root == path and f == LOCK_NAME) for f in files):
+            return False
+        if any(os.listdir(os.path.join(root, d)) for d in dirs):
+            return False
+    for root, dirs, _ in os.walk(path, topdown=False):
+        for d in dirs:
+            os.rmdir(os.path.join(root, d))
+    if os.path.exists(os.path.join(path, LOCK_NAME)):
+        os.remove(os.path.join(path, LOCK_NAME))
+    os.rmdir(path)
+    return True
+
+
 class WorkdirLock:
     """An exclusive advisory lock on a run directory, held until `release()` or process exit.
 
