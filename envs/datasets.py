@@ -270,6 +270,11 @@ def _read(ds: h5py.Dataset, dtype: Any, ndim: int) -> np.ndarray:
     ``ndim=1`` squeezes ``(N, 1)``; ``ndim=2`` turns ``(N,)`` into ``(N, 1)``.
     """
     shape = ds.shape
+    if ds.dtype.kind not in "biuf":  # strings would be parsed, objects/compounds fail later
+        raise ValueError(
+            f"'{ds.name.lstrip('/')}' has dtype {ds.dtype}, not numbers; fix: store numeric "
+            "(float, int or bool) arrays"
+        )
     if ndim == 1 and len(shape) == 2 and shape[1] == 1:
         shape = (shape[0],)
     if ndim == 2 and len(shape) == 1:

@@ -95,7 +95,12 @@ def load_exorl(
             raise ValueError(f"{path}: not an .npz file; fix: remove it or re-save the episode")
         rows = {}
         for key in want:
-            shape, _ = _header(path, key)
+            shape, dtype = _header(path, key)
+            if dtype.kind not in "biuf":  # strings would be parsed as numbers
+                raise ValueError(
+                    f"{path}: '{key}' has dtype {dtype}, not numbers; fix: re-save the episode "
+                    "with numeric arrays"
+                )
             if len(shape) == 0:
                 raise ValueError(f"{path}: '{key}' is a scalar; fix: store one row per step")
             rows[key] = shape[0]

@@ -1,0 +1,165 @@
+"""Property-based fault test of the dataset loaders (hypothesis, fixed seed: derandomize=True).
+
+Random valid files are written, then mutated: truncated, a key dropped, a dtype or shape
+changed, NaN/inf injected, one per-step key made shorter. Each mutated file must either load to
+the same episodes as the original, or raise the documented ValueError whose message names the
+file; any other exception fails the test. Mutations that break the data (NaN, unequal lengths,
+bytes instead of numbers, a 3-d array) must raise.
+"""
+
+import os
+import tempfile
+
+import h5py
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ringrl.envs.datasets import load_d4rl
+from ringrl.envs.exorl import load_exorl
+
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,  # the same examples on every run (and in CI)
+    suppress_health_check=[HealthCheck.too_slow],
+)
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+@st.composite
+def d4rl_data(draw):
+    lengths = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    n = sum(lengths)
+    obs_dim, act_dim = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    ends = np.cumsum(lengths) - 1
+    timeout = draw(st.lists(st.booleans(), min_size=len(lengths), max_size=len(lengths)))
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    for end, is_timeout in zip(ends, timeout):
+        (timeouts if is_timeout else terminals)[end] = True
+    return {
+        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "terminals": terminals,
+        "timeouts": timeouts,
+    }
+
+
+MUTATIONS = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0.0, 0.99)),
+    st.tuples(st.just("drop"), st.sampled_from(D4RL_KEYS)),
+    st.tuples(st.just("float64"), st.sampled_from(("observations", "actions", "rewards"))),
+    st.tuples(st.just("int8"), st.sampled_from(("terminals", "timeouts"))),
+    st.tuples(st.just("bytes"), st.sampled_from(D4RL_KEYS)),
+    st.tuples(st.just("column"), st.sampled_from(("rewards", "terminals", "timeouts"))),
+    st.tuples(st.just("3d"), st.sampled_from(("observations", "actions"))),
+    st.tuples(st.just("nan"), st.sampled_from(("observations", "actions", "rewards"))),
+    st.tuples(st.just("inf"), st.sampled_from(("observations", "actions", "rewards"))),
+    st.tuples(st.just("shorter"), st.sampled_from(D4RL_KEYS)),
+)
+MUST_FAIL = ("bytes", "3d", "nan", "inf", "shorter")
+
+
+def _mutate(data, mutation):
+    kind, arg = mutation
+    data = dict(data)
+    if kind == "drop":
+        del data[arg]
+    elif kind in ("float64", "int8"):
+        data[arg] = data[arg].astype(kind)
+    elif kind == "bytes":
+        data[arg] = data[arg].astype("S12")
+    elif kind == "column":
+        data[arg] = data[arg][:, None]
+    elif kind == "3d":
+        data[arg] = data[arg][..., None]
+    elif kind in ("nan", "inf"):
+        data[arg] = data[arg].copy()
+        data[arg].reshape(-1)[len(data[arg].reshape(-1)) // 2] = np.nan if kind == "nan" else np.inf
+    elif kind == "shorter":
+        data[arg] = data[arg][:-1]
+    return data
+
+
+def _same_episodes(traj, data):
+    n = len(data["rewards"])
+    starts = np.unique(np.r_[0, np.flatnonzero(data["terminals"] | data["timeouts"]) + 1, n])
+    np.testing.assert_array_equal(traj.episode_starts, starts)
+    for key in D4RL_KEYS:
+        np.testing.assert_array_equal(getattr(traj, key), data[key], err_msg=key)
+
+
+@SETTINGS
+@given(data=d4rl_data(), mutation=MUTATIONS)
+def test_d4rl_loader_on_damaged_files(data, mutation):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "set.hdf5")
+        with h5py.File(path, "w") as f:
+            for key, value in _mutate(data, mutation).items():
+                f[key] = value
+        if mutation[0] == "truncate":
+            os.truncate(path, int(os.path.getsize(path) * mutation[1]))
+        try:
+            traj = load_d4rl(path)
+        except ValueError as err:
+            assert path in str(err) and "\n" not in str(err), str(err)
+            return
+        assert mutation[0] not in MUST_FAIL, f"{mutation} loaded silently"
+        if mutation[0] == "drop":
+            assert mutation[1] == "timeouts"  # optional in D4RL: episodes split on terminals
+            data = {**data, "timeouts": np.zeros_like(data["timeouts"])}
+        _same_episodes(traj, data)
+
+
+@SETTINGS
+@given(
+    lengths=st.lists(st.integers(2, 6), min_size=1, max_size=3),
+    mutation=st.one_of(
+        st.tuples(st.just("truncate"), st.floats(0.0, 0.99)),
+        st.tuples(st.just("drop"), st.sampled_from(("observation", "action", "reward"))),
+        st.tuples(st.just("nan"), st.sampled_from(("observation", "action", "reward"))),
+        st.tuples(st.just("shorter"), st.sampled_from(("observation", "action", "reward"))),
+        st.tuples(st.just("bytes"), st.sampled_from(("observation", "action", "reward"))),
+    ),
+    victim=st.integers(0, 2),
+)
+def test_exorl_loader_on_damaged_files(lengths, mutation, victim):
+    rng = np.random.default_rng(len(lengths))
+    with tempfile.TemporaryDirectory() as tmp:
+        episodes, paths = [], []
+        for i, t in enumerate(lengths):
+            ep = {
+                "observation": rng.normal(size=(t, 3)).astype(np.float32),
+                "action": rng.uniform(-1, 1, (t, 2)).astype(np.float32),
+                "reward": rng.normal(size=(t, 1)).astype(np.float32),
+                "discount": np.ones((t, 1), np.float32),
+            }
+            episodes.append(ep)
+            paths.append(os.path.join(tmp, f"ep_{i}_{t}.npz"))
+        victim %= len(lengths)
+        for i, (ep, path) in enumerate(zip(episodes, paths)):
+            kind, key = mutation
+            ep = dict(ep)
+            if i == victim and kind == "drop":
+                del ep[key]
+            elif i == victim and kind == "nan":  # a row that becomes a transition's
+                ep[key] = ep[key].copy()
+                ep[key][0 if key == "observation" else 1, 0] = np.nan
+            elif i == victim and kind == "shorter":
+                ep[key] = ep[key][:-1]
+            elif i == victim and kind == "bytes":
+                ep[key] = ep[key].astype("S12")
+            np.savez(path, **ep)
+        if mutation[0] == "truncate":
+            os.truncate(paths[victim], int(os.path.getsize(paths[victim]) * mutation[1]))
+        try:
+            traj = load_exorl(tmp)
+        except ValueError as err:
+            assert tmp in str(err) and "\n" not in str(err), str(err)
+            return
+        assert mutation[0] == "truncate", f"{mutation} loaded silently"
+        np.testing.assert_array_equal(
+            traj.observations, np.concatenate([ep["observation"][:-1] for ep in episodes])
+        )
