@@ -136,11 +136,25 @@ def _read_dataset(minari: Any, dataset_id: str, load_next_observations: bool) ->
     for e, ep in enumerate(dataset.iterate_episodes()):
         t = len(ep.rewards)
         where = f"Minari dataset {dataset_id!r} episode {ep.id}"
+        for key in ("observations", "actions", "rewards", "terminations", "truncations"):
+            kind = np.asarray(getattr(ep, key)).dtype.kind
+            if kind not in "biuf":  # strings would be parsed as numbers
+                raise ValueError(
+                    f"{where}: '{key}' has dtype kind {kind!r}, not numbers; fix: re-create the "
+                    "dataset with numeric arrays"
+                )
         ep_obs = np.asarray(ep.observations).reshape(-1, s)
-        if t == 0 or len(ep_obs) != t + 1 or len(ep.actions) != t or pos + t > n:
+        flags = (len(ep.terminations), len(ep.truncations))
+        if t == 0 or len(ep_obs) != t + 1 or len(ep.actions) != t or flags != (t, t):
             raise ValueError(
-                f"{where}: {len(ep_obs)} observations for {t} steps (Minari needs T+1 "
-                f"observations and T >= 1 actions/rewards); fix: repair or re-create the dataset"
+                f"{where}: {len(ep_obs)} observations, {len(ep.actions)} actions, {t} rewards, "
+                f"{flags[0]} terminations, {flags[1]} truncations (Minari needs T+1 "
+                "observations and T >= 1 of the rest); fix: repair or re-create the dataset"
+            )
+        if pos + t > n:
+            raise ValueError(
+                f"{where}: episodes hold more than total_steps={n} steps; fix: repair or "
+                "re-create the dataset"
             )
         obs[pos : pos + t] = ep_obs[:t]
         if nxt is not None:

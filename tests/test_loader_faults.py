@@ -8,21 +8,24 @@ bytes instead of numbers, a 3-d array) must raise.
 """
 
 import os
+import shutil
 import tempfile
 
 import h5py
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ringrl.envs.datasets import load_d4rl
 from ringrl.envs.exorl import load_exorl
+from ringrl.envs.trajectories import Trajectories
 
 SETTINGS = settings(
     max_examples=200,
     deadline=None,
     derandomize=True,  # the same examples on every run (and in CI)
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
@@ -163,3 +166,95 @@ def test_exorl_loader_on_damaged_files(lengths, mutation, victim):
         np.testing.assert_array_equal(
             traj.observations, np.concatenate([ep["observation"][:-1] for ep in episodes])
         )
+
+
+MINARI_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
+
+
+@pytest.fixture(scope="module")
+def minari_dataset(tmp_path_factory):
+    """A small exported Minari dataset (3 episodes) and the Trajectories it came from."""
+    pytest.importorskip("minari")
+    from ringrl.envs.minari_io import export_minari
+
+    root = tmp_path_factory.mktemp("minari")
+    rng = np.random.default_rng(0)
+    episodes = [
+        {
+            "observations": rng.normal(size=(t, 2)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, (t, 1)).astype(np.float32),
+            "rewards": rng.normal(size=t).astype(np.float32),
+            "terminals": np.r_[np.zeros(t - 1), 1].astype(bool),
+            "timeouts": np.zeros(t, bool),
+        }
+        for t in (2, 3, 4)
+    ]
+    traj = Trajectories.from_episodes(episodes)
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        export_minari(traj, "ringrl/faults/base-v0")
+    finally:
+        _restore_env("MINARI_DATASETS_PATH", old)
+    return root / "ringrl" / "faults" / "base-v0", traj
+
+
+def _restore_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@settings(SETTINGS, max_examples=40)
+@given(
+    mutation=st.one_of(
+        st.tuples(st.just("truncate"), st.floats(0.0, 0.99)),
+        st.tuples(st.just("metadata"), st.floats(0.0, 0.99)),
+        st.tuples(st.just("drop"), st.sampled_from(MINARI_KEYS)),
+        st.tuples(st.just("nan"), st.sampled_from(("observations", "actions", "rewards"))),
+        st.tuples(st.just("shorter"), st.sampled_from(MINARI_KEYS)),
+        st.tuples(st.just("bytes"), st.sampled_from(("observations", "actions", "rewards"))),
+    ),
+    episode=st.integers(0, 2),
+)
+def test_minari_loader_on_damaged_datasets(minari_dataset, mutation, episode):
+    from ringrl.envs.minari_io import load_minari
+
+    base, traj = minari_dataset
+    kind, arg = mutation
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "ringrl", "faults", "x-v0")
+        shutil.copytree(base, folder)
+        main = os.path.join(folder, "data", "main_data.hdf5")
+        meta = os.path.join(folder, "data", "metadata.json")
+        if kind == "truncate":
+            os.truncate(main, int(os.path.getsize(main) * arg))
+        elif kind == "metadata":
+            os.truncate(meta, int(os.path.getsize(meta) * arg))
+        else:
+            with h5py.File(main, "r+") as f:
+                name = f"episode_{episode}/{arg}"
+                value = f[name][()]
+                del f[name]
+                if kind == "nan":
+                    value = value.astype(np.float32)
+                    value.reshape(-1)[0] = np.nan
+                elif kind == "shorter":
+                    value = value[:-1]
+                elif kind == "bytes":
+                    value = value.astype("S12")
+                if kind != "drop":
+                    f[name] = value
+        old = os.environ.get("MINARI_DATASETS_PATH")
+        os.environ["MINARI_DATASETS_PATH"] = tmp
+        try:
+            loaded = load_minari("ringrl/faults/x-v0")
+        except ValueError as err:
+            assert "'ringrl/faults/x-v0'" in str(err) and "\n" not in str(err), str(err)
+            return
+        finally:
+            _restore_env("MINARI_DATASETS_PATH", old)
+        assert kind in ("truncate", "metadata"), f"{mutation} loaded silently"
+        for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
+            np.testing.assert_array_equal(getattr(loaded, key), getattr(traj, key), err_msg=key)
