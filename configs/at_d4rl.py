@@ -30,18 +30,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = (("data", 1), ("seq", -1))  # the ring spans every device
 
     if arg.smoke:  # a few CPU seconds; tests/test_configs.py
-        config.num_steps = 2
-        config.batch_size = 8
-        config.log_every = 1
-        config.checkpoint_every = 2
-        config.eval.every = 0
+        common.shrink_for_smoke(config)
         config.data.num_trajectories = 2
         config.data.horizon = 16  # trajectory slots of 16 steps ...
         config.eval.max_steps = 16  # ... so evaluation episodes are capped at 16 steps
-        config.model.embed_dim = 16
-        config.model.num_layers = 1
         config.model.remat = "none"
         config.eval.attempts = 2
-        config.eval.num_envs = 2
         config.mesh = (("data", -1), ("seq", 1))
     return config

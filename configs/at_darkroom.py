@@ -75,15 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = (("data", -1), ("seq", 1))  # -1: all remaining devices
 
     if arg.smoke:  # a few CPU seconds; tests/test_configs.py
-        config.num_steps = 2
-        config.batch_size = 8
-        config.log_every = 1
-        config.checkpoint_every = 2
+        common.shrink_for_smoke(config)
         config.data.num_train_tasks = 4
         config.data.num_heldout_tasks = 2
         config.data.episodes_per_task = 4
-        config.model.embed_dim = 16
-        config.model.num_layers = 1
         config.model.num_heads = 2
-        config.eval.num_envs = 2
     return config

@@ -46,3 +46,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                     f"config arg {key}={value!r} is not a {type(default).__name__}"
                 ) from None
     return out
+
+
+def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
+    """The sizes every config's `smoke` variant shares: 2 steps, a 1-layer width-16 model and a
+    2-environment evaluation at the end only (a few CPU seconds; tests/test_configs.py)."""
+    config.num_steps = 2
+    config.batch_size = 8
+    config.log_every = 1
+    config.checkpoint_every = 2
+    config.eval.every = 0
+    config.eval.num_envs = 2
+    config.model.embed_dim = 16
+    config.model.num_layers = 1

@@ -302,7 +302,7 @@ def check_spaces(
 
     Args:
         traj: data to check.
-        env_id: registered Gymnasium id (``import envs`` registers the ringrl/* ids).
+        env_id: registered Gymnasium id (``import ringrl.envs`` registers the ringrl/* ids).
         source: file or dataset name used in error messages.
         strict: if False, an unregistered ``env_id`` only warns (used for ids read from file
             metadata); if True it raises.

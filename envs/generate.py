@@ -6,7 +6,7 @@
 - D4RL-style datasets: `rollout_dataset` rolls a numpy policy out in a Gymnasium env with D4RL
   flags (terminal on a true termination, timeout on the time-limit step, never both) and
   `buffer_dataset` turns an online learner's replay buffer into a `medium-replay` set. The SAC
-  training that supplies the policies lives in `agents/sac.py`.
+  training that supplies the policies lives in `ringrl.agents.sac_collect`.
 
 Dimension letters: N steps, E episodes, S observation dim, A action dim.
 """
@@ -26,15 +26,6 @@ from ringrl.envs import darkroom
 from ringrl.envs.trajectories import Trajectories
 
 Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # obs [B, S] -> actions [B, A]
-
-
-# ------------------------------------------------------------------ learning histories
-
-
-def _greedy(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """argmax over the last axis of q [N, K], ties broken uniformly at random."""
-    best = q == q.max(axis=-1, keepdims=True)
-    return np.argmax(best * rng.random(q.shape), axis=-1)
 
 
 def learning_histories(
@@ -224,9 +215,6 @@ def describe_histories(data: Trajectories) -> str:
         f"{s['last_return']:.2f} (random {m['ref_min_score']:.2f}, optimal "
         f"{m['ref_max_score']:.2f})"
     )
-
-
-# ------------------------------------------------------------------ D4RL-style MuJoCo datasets
 
 
 def dataset_prefix(env_id: str) -> str:

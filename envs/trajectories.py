@@ -10,7 +10,8 @@ neither flag set was cut short for another reason (e.g. the trailing partial epi
 file); it is treated like a truncation everywhere.
 
 On disk the store uses the D4RL HDF5 schema (see :meth:`Trajectories.save`), so files written here
-are readable by D4RL-style tools, and :func:`envs.datasets.load_d4rl` reads them back exactly.
+are readable by D4RL-style tools, and :func:`~ringrl.envs.datasets.load_d4rl`
+reads them back exactly.
 """
 
 from __future__ import annotations
@@ -444,13 +445,6 @@ class Trajectories:
                 os.remove(tmp)
             raise
         return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs: Any) -> Trajectories:
-        """Same as :func:`envs.datasets.load_d4rl` (reads files written by :meth:`save`)."""
-        from ringrl.envs.datasets import load_d4rl  # noqa: PLC0415 (datasets imports this module)
-
-        return load_d4rl(path, **kwargs)
 
 
 def _flat(x: Any, dtype: Any, name: str) -> np.ndarray:

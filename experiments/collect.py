@@ -57,10 +57,10 @@ def mujoco(args: argparse.Namespace) -> None:
     check_writable(out)
     # Small nets on a shared CPU: one XLA thread per op is ~2x faster than contended threads.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_ONE_THREAD}"
-    from ringrl.agents import sac  # noqa: PLC0415 (jax only for this command)
+    from ringrl.agents import sac_collect  # noqa: PLC0415 (jax only for this command)
 
     t0 = time.time()
-    paths = sac.collect_datasets(
+    paths = sac_collect.collect_datasets(
         args.env, args.steps, out, dataset_steps=args.dataset_steps, seed=args.seed
     )
     print("\n".join(f"wrote {level}: {path}" for level, path in paths.items()))

@@ -2,6 +2,7 @@
 `agents.py` in the working directory cannot shadow ours."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,9 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_wheel_top_level_is_ringrl_only(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
+    ignore = shutil.ignore_patterns(".venv", ".git", "build", "runs", "data", "wandb", "*.egg-info")
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=ignore)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(tmp_path), ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
         check=True, capture_output=True, cwd=tmp_path,
     )  # fmt: skip
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
@@ -61,6 +64,4 @@ def test_train_smoke_with_user_configs_folder_and_agents_py(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert os.path.exists(tmp_path / "run" / "eval.json")
         assert "user" not in proc.stderr
-        import shutil
-
         shutil.rmtree(tmp_path / "run")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ringrl.agents import sac
+from ringrl.agents import sac, sac_collect
 from ringrl.envs import generate
 from ringrl.envs.datasets import load_d4rl
 
@@ -30,7 +30,7 @@ STEPS = 300
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sac"))
-    paths = sac.collect_datasets(
+    paths = sac_collect.collect_datasets(
         ENV, STEPS, out, dataset_steps=120, config=CFG, progress=False, log=lambda _: None
     )
     return out, paths
@@ -38,10 +38,12 @@ def collected(tmp_path_factory):
 
 def test_collect_writes_four_d4rl_datasets(collected):
     out, paths = collected
-    assert sorted(paths) == sorted(sac.LEVELS)
+    assert sorted(paths) == sorted(sac_collect.LEVELS)
     data = {level: load_d4rl(p, load_next_observations=True) for level, p in paths.items()}
-    run = sac.load_checkpoint(sac.checkpoint_path(out, ENV))
+    run = sac_collect.load_checkpoint(sac_collect.checkpoint_path(out, ENV))
     assert run.done and len(run.snapshots) == 3
+    raw = open(sac_collect.checkpoint_path(out, ENV), "rb").read()  # no pickle, no class names
+    assert not raw.startswith(b"\x80") and b"SACRun" not in raw and b"sac_collect" not in raw
     ref_min, ref_max = data["random"].returns.mean(), data["expert"].returns.mean()
     for level, d in data.items():
         assert os.path.basename(paths[level]) == f"hoppershort-{level}-ringrl-v0.hdf5"
@@ -64,7 +66,7 @@ def test_collect_writes_four_d4rl_datasets(collected):
     assert any(d.timeouts.any() for d in data.values())
     assert any(d.terminals.any() for d in data.values())
     # medium-replay is the start of the replay buffer, up to the medium snapshot.
-    medium = sac.pick_medium(run.snapshots)
+    medium = sac_collect.pick_medium(run.snapshots)
     replay = data["medium-replay"]
     assert data["medium"].metadata["policy_step"] == medium["step"] >= replay.num_steps
     np.testing.assert_array_equal(
@@ -75,12 +77,14 @@ def test_collect_writes_four_d4rl_datasets(collected):
 
 def test_resume_is_bitwise_identical(collected, tmp_path):
     out, _ = collected
-    full = sac.load_checkpoint(sac.checkpoint_path(out, ENV))
-    first = sac.train_sac(ENV, STEPS, str(tmp_path), config=CFG, progress=False, stop_after=150)
+    full = sac_collect.load_checkpoint(sac_collect.checkpoint_path(out, ENV))
+    first = sac_collect.train_sac(
+        ENV, STEPS, str(tmp_path), config=CFG, progress=False, stop_after=150
+    )
     assert 150 <= first.step < STEPS
-    saved = sac.load_checkpoint(sac.checkpoint_path(str(tmp_path), ENV))
+    saved = sac_collect.load_checkpoint(sac_collect.checkpoint_path(str(tmp_path), ENV))
     assert saved.step == first.step  # the interruption left a checkpoint at that step
-    resumed = sac.train_sac(ENV, STEPS, str(tmp_path), config=CFG, progress=False)
+    resumed = sac_collect.train_sac(ENV, STEPS, str(tmp_path), config=CFG, progress=False)
     assert resumed.done
     for key, value in full.buffer.items():
         np.testing.assert_array_equal(resumed.buffer[key][:STEPS], value, err_msg=key)
@@ -96,15 +100,15 @@ def test_resume_is_bitwise_identical(collected, tmp_path):
 def test_checkpoint_mismatch_and_corrupt(collected, tmp_path):
     out, _ = collected
     with pytest.raises(ValueError, match="rerun with the same settings"):
-        sac.train_sac(ENV, STEPS, out, seed=1, config=CFG, progress=False)
-    bad = tmp_path / "bad.pkl"
-    bad.write_bytes(b"not a pickle")
+        sac_collect.train_sac(ENV, STEPS, out, seed=1, config=CFG, progress=False)
+    bad = tmp_path / "bad.msgpack"
+    bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable SAC checkpoint"):
-        sac.load_checkpoint(str(bad))
+        sac_collect.load_checkpoint(str(bad))
     with pytest.raises(ValueError, match="positive number of steps"):
-        sac.train_sac(ENV, 0, str(tmp_path), config=CFG, progress=False)
+        sac_collect.train_sac(ENV, 0, str(tmp_path), config=CFG, progress=False)
     with pytest.raises(ValueError, match="continuous"):
-        sac.train_sac("CartPole-v1", 10, str(tmp_path), config=CFG, progress=False)
+        sac_collect.train_sac("CartPole-v1", 10, str(tmp_path), config=CFG, progress=False)
 
 
 def test_tanh_logprob_matches_reference():
@@ -122,9 +126,9 @@ def test_tanh_logprob_matches_reference():
 
 def test_pick_medium_and_paths():
     snaps = [{"step": s, "eval_return": r} for s, r in [(1, 0.0), (2, 50.0), (3, 90.0), (4, 300.0)]]
-    assert sac.pick_medium(snaps)["step"] == 3  # closest to 300 / 3
+    assert sac_collect.pick_medium(snaps)["step"] == 3  # closest to 300 / 3
     with pytest.raises(ValueError, match="no policy snapshots"):
-        sac.pick_medium([])
+        sac_collect.pick_medium([])
     assert generate.dataset_path("d", "HalfCheetah-v5", "medium-replay") == os.path.join(
         "d", "halfcheetah-medium-replay-ringrl-v0.hdf5"
     )
