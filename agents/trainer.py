@@ -323,16 +323,18 @@ def train_and_evaluate(
     Args:
       config: a config from configs/*.py.
       workdir: run directory (checkpoints/, metrics.jsonl, wandb/, eval.json, PNGs).
-      resume: continue from the latest checkpoint in `workdir/checkpoints` (refused if its config
-        differs in the model or data groups).
+      resume: continue from the newest intact checkpoint in `workdir/checkpoints` (refused if its
+        config differs in the model or data groups; damaged newer ones are reported on stderr and
+        set aside).
 
     Returns:
       dict with `step`, the last train metrics (`train/...`) and the final evaluation (`eval/...`
       scalars plus `eval` = the full `envs.evaluate.evaluate` result).
 
     Raises:
-      ValueError: bad config, data or mesh (one line naming the fix); a workdir that already has
-        checkpoints without `resume`.
+      ValueError: bad config, data or mesh (one line naming the fix; `validate.ConfigError` has
+        one line per bad config field); a workdir that is not a writable directory, is in use by
+        another run, or already has checkpoints without `resume`.
       agents.checkpoint.ConfigMismatchError: resuming a checkpoint of a different config.
     """
     jax.config.update("jax_threefry_partitionable", True)
@@ -348,7 +350,9 @@ def train_and_evaluate(
         raise
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, resume: bool) -> dict:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, resume: bool
+) -> dict[str, Any]:
     # Cheap checks first: the workdir's checkpoints, the mesh, the data, the evaluation context.
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     latest = ckpt.latest_step()

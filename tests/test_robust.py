@@ -18,7 +18,7 @@ import pytest
 from ringrl.agents import validate
 from ringrl.agents.checkpoint import CheckpointCorruptError, Checkpointer
 from ringrl.agents.logging import drop_rows_after
-from ringrl.agents.workdir import LOCK_NAME, WorkdirLock, check_workdir
+from ringrl.agents.workdir import LOCK_NAME, WorkdirLock, check_workdir, remove_if_unused
 from ringrl.configs import ad_darkroom, at_d4rl, at_darkroom, dt_d4rl
 from ringrl.envs.datasets import load_cache, load_d4rl
 from ringrl.experiments import xla_flags
@@ -126,6 +126,16 @@ def test_workdir_checks(tmp_path):
         check_workdir(tmp_path / "typo", create=False)
     assert not (tmp_path / "typo").exists()
     assert check_workdir(tmp_path / "new") == str(tmp_path / "new")
+
+
+def test_remove_if_unused(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    WorkdirLock(run).release()
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert not remove_if_unused(run) and (run / "metrics.jsonl").exists()  # holds a result
+    os.remove(run / "metrics.jsonl")
+    assert remove_if_unused(run) and not run.exists()  # only the lock and empty folders
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
