@@ -25,6 +25,7 @@ SETTINGS = settings(
     max_examples=200,
     deadline=None,
     derandomize=True,  # the same examples on every run (and in CI)
+    database=None,  # nothing written to .hypothesis/
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
