@@ -1,7 +1,7 @@
 """Smoke tests: every config trains a few steps and evaluates once (8 virtual CPU devices).
 
-Runs with equal shapes share their jitted train step and actor (agents.trainer caches them), so
-the DarkRoom AT/AD configs compile once.
+Runs with equal shapes build equal programs; XLA's persistent compilation cache (tests/conftest.py)
+compiles them once, so ablation_at (the shapes of at_darkroom) costs little.
 """
 
 import json
