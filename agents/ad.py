@@ -41,34 +41,22 @@ MODE = "ad"
 class HistorySampler(SlotSampler):
     """n consecutive episodes of one task's learning history per context, in learning order.
 
-    Args:
-      trajectories: an `envs.trajectories.Trajectories` whose episodes are in learning order
-        within each task (as envs.generate.learning_histories writes them).
-      num_trajectories: n.
-      horizon: steps per slot; longer episodes are truncated (default: the longest episode).
-      seed: seed of the numpy generator.
+    Takes the arguments of agents.at.SlotSampler; the trajectories' episodes must be in learning
+    order within each task (as envs.generate.learning_histories writes them).
 
     Raises:
       ValueError: no task has n episodes.
     """
 
-    def __init__(
-        self,
-        trajectories: Any,
-        *,
-        num_trajectories: int,
-        horizon: int | None = None,
-        seed: int = 0,
-    ):
-        super().__init__(
-            trajectories, num_trajectories=num_trajectories, horizon=horizon, seed=seed
-        )
-        self._groups = [g for g in self._groups if len(g) >= self.num_trajectories]
-        if not self._groups:
+    def usable_groups(self, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """The tasks with at least n episodes (a context is n consecutive ones)."""
+        groups = [g for g in groups if len(g) >= self.num_trajectories]
+        if not groups:
             raise ValueError(
                 f"AD needs a task with >= num_trajectories={self.num_trajectories} episodes; "
                 "lower num_trajectories"
             )
+        return groups
 
     def episodes(self, group: np.ndarray) -> np.ndarray:
         """n consecutive episodes of the task, from a random start."""

@@ -23,7 +23,7 @@ from ringrl.envs.sources import action_space, env_horizon
 from ringrl.envs.trajectories import Trajectories
 from ringrl.ring.mesh import DATA
 
-AGENTS: dict[str, ModuleType] = {"at": at, "ad": ad, "dt": dt}
+AGENTS: dict[str, ModuleType] = {m.MODE: m for m in (at, ad, dt)}  # config.data.mode -> agent
 
 
 def agent_module(config: ml_collections.ConfigDict) -> ModuleType:

@@ -97,6 +97,11 @@ class SlotSampler(ContextSampler):
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
         self.context_steps = self.num_trajectories * self.horizon
+        self._groups = self.usable_groups(self._groups)
+
+    def usable_groups(self, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """The tasks (episode index arrays) contexts are drawn from: all of them for AT."""
+        return groups
 
     def episodes(self, group: np.ndarray) -> np.ndarray:
         """The n episodes of one context, drawn from one task's episodes `group`."""
@@ -151,13 +156,7 @@ def make_actor(
     Raises:
       ValueError: more attempts than trajectory slots, or longer episodes than the slots.
     """
-    if attempts < 1:
-        raise ValueError(f"attempts must be >= 1, got {attempts}")
-    if attempts > model.max_trajectories:
-        raise ValueError(
-            f"{attempts} attempts need {attempts} trajectory slots but the model has "
-            f"{model.max_trajectories} (num_trajectories); use fewer attempts"
-        )
+    check_attempts(attempts, model.max_trajectories)
     check_episodes_fit("the evaluation env", horizon, model.max_timestep)
     return Actor(model, mesh, max_steps=attempts * horizon, greedy=greedy)
 
@@ -178,13 +177,17 @@ def check_eval_context(
     Raises:
       ValueError: one line naming the sizes and the fix.
     """
-    d = config.data
+    check_attempts(attempts, config.data.num_trajectories)
+    check_episodes_fit(env_id, episode_steps, config.data.horizon)
+
+
+def check_attempts(attempts: int, num_trajectories: int) -> None:
+    """Raises ValueError unless 1 <= attempts <= n: attempt j takes trajectory slot j."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
-    if attempts > d.num_trajectories:
+    if attempts > num_trajectories:
         raise ValueError(
             f"evaluation asks for {attempts} attempts in context but the model was built for "
-            f"n={d.num_trajectories} trajectories (config.data.num_trajectories); use "
-            f"--attempts <= {d.num_trajectories} or train with a larger n"
+            f"n={num_trajectories} trajectories (config.data.num_trajectories); use "
+            f"--attempts <= {num_trajectories} or train with a larger n"
         )
-    check_episodes_fit(env_id, episode_steps, d.horizon)
