@@ -17,11 +17,15 @@ padding (segment id 0, invisible to real tokens, as in training). Real tokens ha
 or `attempt + 1` with `isolate_attempts=True` (the Decision Transformer, which is trained on one
 trajectory and must not see earlier attempts).
 
-`recompute_predict` is the baseline: the full backbone over the whole history each step.
+`ActorPolicy` drives an Actor from the evaluation harness (envs.evaluate); what target-return
+token it feeds is the agent's conditioning rule (agents.at / agents.ad: a fixed target;
+agents.dt: the return-to-go). `recompute_predict` is the baseline: the full backbone over the whole
+history each step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,7 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ringrl.agents import backbone
-from ringrl.agents.train import put_global
+from ringrl.agents.sharding import put_global, to_host
 from ringrl.ring import decode
 from ringrl.ring.mesh import DATA
 
@@ -285,6 +289,75 @@ class Actor:
             return pred
         noise = self.action_std * jax.random.normal(rng, pred.shape, pred.dtype)
         return jnp.clip(pred + noise, -1.0, 1.0)
+
+
+# (targets [B], reward [B], done [B], target) -> the target-return tokens of the next step.
+TargetRule = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+
+
+def fixed_target(
+    targets: np.ndarray, reward: np.ndarray, done: np.ndarray, target: float
+) -> np.ndarray:
+    """Conditioning rule of in-context agents: the same target-return token at every step."""
+    del reward, done, target
+    return targets
+
+
+class ActorPolicy:
+    """`envs.evaluate.Policy` over a cached `Actor`: the context of every environment (all its
+    earlier attempts) stays in the sharded KV cache between calls.
+
+    Args:
+      actor: the agent's Actor (from its module's `make_actor`).
+      params: model parameters (replicated on the mesh).
+      target: target-return token of the first step of every attempt.
+      rule: the agent's conditioning rule, applied after every step (e.g. `fixed_target`, or
+        agents.dt.return_to_go).
+      seed: seed of the sampling keys (a greedy actor ignores them).
+    """
+
+    def __init__(
+        self, actor: Actor, params: Any, *, target: float, rule: TargetRule, seed: int
+    ) -> None:
+        self.actor, self.params, self.rule = actor, params, rule
+        self.target, self.seed = float(target), int(seed)
+
+    def reset(self, num_envs: int) -> None:
+        """Empty contexts for `num_envs` environments."""
+        self.state = self.actor.reset(num_envs)
+        self.targets = np.full(num_envs, self.target, np.float32)
+        self.rng = jax.random.key(self.seed)
+        self.calls = 0
+
+    def act(self, observation: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """Actions [B] or [B, A] for observations [B, S] (`active` is the harness's mask)."""
+        del active  # finished environments act too; the harness ignores their actions
+        rng = jax.random.fold_in(self.rng, self.calls)
+        self.calls += 1
+        action, self.state = self.actor.act(self.params, self.state, observation, self.targets, rng)
+        return to_host(action)
+
+    def observe(self, reward: np.ndarray, done: np.ndarray, active: np.ndarray) -> None:
+        """Records each environment's reward and end of attempt; updates the target tokens."""
+        del active
+        self.state = self.actor.observe(self.state, reward, done)
+        self.targets = np.asarray(self.rule(self.targets, reward, done, self.target), np.float32)
+
+
+def check_episodes_fit(env_id: str, episode_steps: int, max_timestep: int) -> None:
+    """Raises ValueError if episodes of `env_id` outlast the model's timestep table.
+
+    Args:
+      env_id: the evaluation env (named in the message).
+      episode_steps: its longest episode (time limit, or config.eval.max_steps).
+      max_timestep: rows of the model's timestep table (config.data.horizon).
+    """
+    if episode_steps > max_timestep:
+        raise ValueError(
+            f"{env_id} episodes last up to {episode_steps} steps but the model was built for "
+            f"{max_timestep} (config.data.horizon); set --config.eval.max_steps <= "
+            f"{max_timestep} or train with horizon >= {episode_steps}"
+        )
 
 
 def recompute_predict(

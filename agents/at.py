@@ -1,12 +1,19 @@
-"""Agentic Transformer (chain of hindsight, Liu & Abbeel 2023) and Algorithm Distillation agents.
+"""Agentic Transformer (chain of hindsight, Liu & Abbeel 2023) on the ring backbone: whole agent.
 
-Dimension letters: T steps, k = 4 tokens per step (target return, state, action, reward).
+Dimension letters: B batch or environments, T steps, k = 4 tokens per step (target return,
+state, action, reward).
 
-Both read n whole trajectories of one task per context (agents.sampler modes "at" and "ad"), each
-in a slot of `horizon` steps: T = n * horizon steps, n * horizon * 4 tokens — the context knob the
-ablations turn (the Ring Attention paper used 128 x 1000 x 4). The loss is on every action. At
-evaluation the agent makes attempts in a row, every earlier attempt kept in its cached context
-(agents.act.Actor), attempt j taking trajectory slot j.
+* Model (`make_model`, shared with agents.ad): n whole trajectories per context, each in a slot of
+  `horizon` steps: T = n * horizon steps, n * horizon * 4 tokens — the context knob the ablations
+  turn (the Ring Attention paper used 128 x 1000 x 4). The loss is on every action.
+* Sampler (`SlotSampler`): n trajectories of one task sorted by ascending return, every step's
+  target relabelled to the best return among the n; a completion flag marks the last step of each
+  trajectory that really ended. Longer episodes are cut to the slot, shorter ones padded.
+* Actor (`make_actor`): attempts in a row, every earlier attempt kept in the cached context,
+  attempt j taking trajectory slot j.
+* Conditioning (`make_policy`): the same target return at every step (`act.fixed_target`), as in
+  training, where every step's target is the best return of the context.
+* Evaluation contexts (`check_eval_context`): at most n attempts, episodes no longer than a slot.
 """
 
 from __future__ import annotations
@@ -14,11 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import ml_collections
+import numpy as np
 
-from ringrl.agents.act import Actor
+from ringrl.agents.act import Actor, ActorPolicy, check_episodes_fit, fixed_target
 from ringrl.agents.backbone import Backbone
 from ringrl.agents.sampler import ContextSampler
-from ringrl.agents.tokens import AT_TOKENS
+
+MODE = "at"
+TOKENS = ("return", "state", "action", "reward")
 
 
 def make_model(
@@ -37,21 +48,101 @@ def make_model(
     return Backbone(
         action_dim=int(action_dim),
         discrete=bool(discrete),
-        tokens=AT_TOKENS,
+        tokens=TOKENS,
         max_timestep=int(horizon),
         max_trajectories=int(num_trajectories),
         **dict(model_kwargs),
     )
 
 
+def model_for(config: ml_collections.ConfigDict, *, action_dim: int, discrete: bool) -> Backbone:
+    """`make_model` of a config: n = config.data.num_trajectories slots of config.data.horizon."""
+    return make_model(
+        action_dim=action_dim,
+        discrete=discrete,
+        num_trajectories=config.data.num_trajectories,
+        horizon=config.data.horizon,
+        **config.model.to_dict(),
+    )
+
+
+class SlotSampler(ContextSampler):
+    """n trajectories of one task per context, each in its own slot of `horizon` steps.
+
+    Trajectory j fills steps [j * horizon, j * horizon + its length), so T = n * horizon. Which
+    episodes and which target tokens is the agent's rule: here (AT) n random episodes of the
+    task, sorted by ascending return, all targets the best of their returns; agents.ad overrides
+    `episodes` and `target`.
+
+    Args:
+      trajectories: an `envs.trajectories.Trajectories`.
+      num_trajectories: n.
+      horizon: steps per slot; longer episodes are truncated (default: the longest episode).
+      seed: seed of the numpy generator.
+    """
+
+    def __init__(
+        self,
+        trajectories: Any,
+        *,
+        num_trajectories: int,
+        horizon: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(trajectories, seed=seed)
+        if num_trajectories < 1:
+            raise ValueError(f"num_trajectories must be >= 1, got {num_trajectories}")
+        self.num_trajectories = int(num_trajectories)
+        self.horizon = int(self._lengths.max()) if horizon is None else int(horizon)
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        self.context_steps = self.num_trajectories * self.horizon
+        self._groups = self.usable_groups(self._groups)
+
+    def usable_groups(self, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """The tasks (episode index arrays) contexts are drawn from: all of them for AT."""
+        return groups
+
+    def episodes(self, group: np.ndarray) -> np.ndarray:
+        """The n episodes of one context, drawn from one task's episodes `group`."""
+        n = self.num_trajectories
+        return self._rng.choice(group, size=n, replace=len(group) < n)
+
+    def order_and_target(self, episodes: np.ndarray, returns: np.ndarray) -> tuple[Any, float]:
+        """Chain of hindsight: slot order by ascending return, target the best of the n."""
+        return np.argsort(returns, kind="stable"), float(returns.max())
+
+    def fill(self, out: dict[str, np.ndarray], i: int) -> None:
+        """n episodes of a random task, each in its slot, with the rule's order and target."""
+        h = self.horizon
+        group = self._groups[self._rng.integers(len(self._groups))]
+        episodes = self.episodes(group)
+        used = np.minimum(self._lengths[episodes], h)
+        returns = np.array([self.episode_return(e, ln) for e, ln in zip(episodes, used)])
+        order, target = self.order_and_target(episodes, returns)
+        episodes, used = episodes[order], used[order]
+        for j, (e, ln) in enumerate(zip(episodes, used)):
+            s, o = int(self._starts[e]), j * h
+            self.copy_steps(out, i, o, s, int(ln))
+            out["target_returns"][i, o : o + ln] = target
+            out["traj_index"][i, o : o + h] = j
+            # Completion flag: the episode really ended within the slot (not cut by the horizon).
+            if ln == self._lengths[e]:
+                out["done"][i, o + ln - 1] = 1.0
+
+
 def make_sampler(
-    trajectories: Any, *, num_trajectories: int, horizon: int, seed: int, mode: str = "at"
-) -> ContextSampler:
-    """ContextSampler for mode "at" (return-sorted, relabelled) or "ad" (consecutive episodes)."""
-    if mode not in ("at", "ad"):
-        raise ValueError(f"at.make_sampler mode must be 'at' or 'ad', got {mode!r}")
-    return ContextSampler(
-        trajectories, mode=mode, num_trajectories=num_trajectories, horizon=horizon, seed=seed
+    trajectories: Any, *, num_trajectories: int, horizon: int | None, seed: int
+) -> SlotSampler:
+    """The AT sampler: n return-sorted trajectories of one task, targets relabelled."""
+    return SlotSampler(trajectories, num_trajectories=num_trajectories, horizon=horizon, seed=seed)
+
+
+def sampler_for(trajectories: Any, config: ml_collections.ConfigDict, *, seed: int) -> SlotSampler:
+    """`make_sampler` of a config (n = config.data.num_trajectories, slot config.data.horizon)."""
+    d = config.data
+    return make_sampler(
+        trajectories, num_trajectories=d.num_trajectories, horizon=d.horizon, seed=seed
     )
 
 
@@ -60,16 +151,43 @@ def make_actor(
 ) -> Actor:
     """Cached actor for `attempts` episodes of at most `horizon` steps, all kept in context.
 
+    Also the AD actor (agents.ad).
+
     Raises:
       ValueError: more attempts than trajectory slots, or longer episodes than the slots.
     """
-    if attempts > model.max_trajectories:
-        raise ValueError(
-            f"{attempts} attempts need {attempts} trajectory slots but the model has "
-            f"{model.max_trajectories} (num_trajectories); use fewer attempts"
-        )
-    if horizon > model.max_timestep:
-        raise ValueError(
-            f"episodes of {horizon} steps exceed the model's horizon {model.max_timestep}"
-        )
+    check_attempts(attempts, model.max_trajectories)
+    check_episodes_fit("the evaluation env", horizon, model.max_timestep)
     return Actor(model, mesh, max_steps=attempts * horizon, greedy=greedy)
+
+
+def make_policy(actor: Actor, params: Any, *, target_return: float, seed: int) -> ActorPolicy:
+    """Evaluation policy: `target_return` as the target token of every step of every attempt."""
+    return ActorPolicy(actor, params, target=target_return, rule=fixed_target, seed=seed)
+
+
+def check_eval_context(
+    config: ml_collections.ConfigDict, env_id: str, *, attempts: int, episode_steps: int
+) -> None:
+    """Refuses evaluations that need more context than the model was built for.
+
+    The model holds n = config.data.num_trajectories slots of config.data.horizon steps; K
+    attempts fill K slots, so K <= n, and every episode must fit a slot. Also AD's check.
+
+    Raises:
+      ValueError: one line naming the sizes and the fix.
+    """
+    check_attempts(attempts, config.data.num_trajectories)
+    check_episodes_fit(env_id, episode_steps, config.data.horizon)
+
+
+def check_attempts(attempts: int, num_trajectories: int) -> None:
+    """Raises ValueError unless 1 <= attempts <= n: attempt j takes trajectory slot j."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    if attempts > num_trajectories:
+        raise ValueError(
+            f"evaluation asks for {attempts} attempts in context but the model was built for "
+            f"n={num_trajectories} trajectories (config.data.num_trajectories); use "
+            f"--attempts <= {num_trajectories} or train with a larger n"
+        )

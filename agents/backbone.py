@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ringrl.agents.batch import KEYS as BATCH_KEYS
+from ringrl.agents.batch import zeros as zero_batch
 from ringrl.agents.tokens import TokenEmbed, check_tokens
 from ringrl.ring.attention import ring_attention
 from ringrl.ring.ffn import blockwise_ffn
@@ -41,16 +43,6 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 ATTENTIONS = ("ring", "dense")
-BATCH_KEYS = (
-    "observations",
-    "actions",
-    "rewards",
-    "target_returns",
-    "timesteps",
-    "traj_index",
-    "done",
-    "mask",
-)
 
 
 def attend(
@@ -132,14 +124,10 @@ class Block(nn.Module):
     def finish(self, x: jax.Array, a: jax.Array) -> jax.Array:
         """Residual output projection of the attention result a [B, L, H, D], then the FFN."""
         x = x + self.out(a)
-        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
-
-        def mlp(h):  # pure function of arrays, so ring.ffn may map / remat it freely
-            return jax.nn.gelu(h @ w1 + b1) @ w2 + b2
-
         h = self.ln_ffn(x)
         # The chunk is capped at the local length so tiny inputs (init, acting) need no divisor.
         chunk = h.shape[1] if self.ffn_chunk is None else min(self.ffn_chunk, h.shape[1])
+        mlp = {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}  # ring.ffn.mlp's
         return x + blockwise_ffn(h, mlp, chunk)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -165,7 +153,7 @@ class Backbone(nn.Module):
     Attributes:
       action_dim: number of discrete actions, or the continuous action size.
       discrete: cross-entropy over logits (True) or tanh mean with MSE (False).
-      tokens: token types per step, e.g. agents.tokens.AT_TOKENS.
+      tokens: token types per step, e.g. agents.at.TOKENS.
       embed_dim, num_layers, num_heads, mlp_ratio: transformer size.
       windows: per-layer attention window in tokens (None entries: full causal); None: all full.
       ffn_chunk: tokens per blockwise-FFN chunk (None: whole shard).
@@ -303,7 +291,7 @@ def check_batch(model: Backbone, batch: dict[str, Any], mesh: jax.sharding.Mesh)
     """Raises ValueError if the batch does not fit the mesh or the model (shapes only)."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
-        raise ValueError(f"batch lacks {missing}; agents.sampler.ContextSampler.sample gives them")
+        raise ValueError(f"batch lacks {missing}; agents.batch.KEYS lists the arrays a batch needs")
     n_data, n_seq = mesh_sizes(mesh)
     b, t = batch["mask"].shape[:2]
     if b % n_data:
@@ -398,15 +386,13 @@ def init_params(model: Backbone, rng: jax.Array, obs_dim: int) -> Any:
 
 def dummy_batch(model: Backbone, obs_dim: int, batch_size: int, steps: int) -> dict[str, Any]:
     """A zero batch with the model's shapes and dtypes (for init and shape checks)."""
-    b, t = batch_size, steps
-    act_shape = (b, t) if model.discrete else (b, t, model.action_dim)
-    return {
-        "observations": jnp.zeros((b, t, obs_dim), jnp.float32),
-        "actions": jnp.zeros(act_shape, jnp.int32 if model.discrete else jnp.float32),
-        "rewards": jnp.zeros((b, t), jnp.float32),
-        "target_returns": jnp.zeros((b, t), jnp.float32),
-        "timesteps": jnp.zeros((b, t), jnp.int32),
-        "traj_index": jnp.zeros((b, t), jnp.int32),
-        "done": jnp.zeros((b, t), jnp.float32),
-        "mask": jnp.ones((b, t), bool),
-    }
+    out = zero_batch(
+        batch_size,
+        steps,
+        obs_dim,
+        action_dim=model.action_dim,
+        discrete=model.discrete,
+        xp=jnp,
+    )
+    out["mask"] = jnp.ones((batch_size, steps), bool)
+    return out

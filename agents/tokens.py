@@ -3,7 +3,8 @@
 Dimension letters: B batch, T steps, k tokens per step, W embedding width, S obs dim, A action dim.
 
 A step contributes `k` tokens in a fixed order, e.g. ("return", "state", "action", "reward") for
-the Agentic Transformer and ("return", "state", "action") for the Decision Transformer. Token j of
+the Agentic Transformer (agents.at.TOKENS) and ("return", "state", "action") for the Decision
+Transformer (agents.dt.TOKENS). The features are the arrays of agents.batch. Token j of
 step t sits at position `t * k + j`. Every token gets its type's embedding of its own feature plus
 the embeddings of the step's timestep-within-trajectory and trajectory index (its slot in the
 context), so no absolute-position embedding is needed and sequences can be sharded anywhere
@@ -19,9 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-TOKEN_TYPES = ("return", "state", "action", "reward")
-DT_TOKENS = ("return", "state", "action")
-AT_TOKENS = ("return", "state", "action", "reward")
+TOKEN_TYPES = ("return", "state", "action", "reward")  # an agent's tokens: agents.at/dt.TOKENS
 
 
 def check_tokens(tokens: tuple[str, ...]) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from ringrl.agents.agent import AGENTS
 from ringrl.agents.checkpoint import KEEP_ALL
-from ringrl.agents.sampler import MODES as AGENT_MODES
 from ringrl.ring.mesh import DATA, SEQ, make_mesh
 
 
@@ -67,8 +67,8 @@ def validate(
 
     d = c.data
     steps = None  # timesteps per context
-    if d.mode not in AGENT_MODES:
-        errors.append(f"config.data.mode={d.mode!r} is unknown; use one of {AGENT_MODES}")
+    if d.mode not in AGENTS:
+        errors.append(f"config.data.mode={d.mode!r} is unknown; use one of {tuple(AGENTS)}")
     _int_at_least(errors, "data.horizon", d.horizon, 1)
     if d.mode == "dt":
         _int_at_least(errors, "data.context_steps", d.context_steps, 1, " (the DT window K)")
@@ -78,7 +78,7 @@ def validate(
             )
         if isinstance(d.context_steps, int) and d.context_steps >= 1:
             steps = d.context_steps
-    elif d.mode in AGENT_MODES:
+    elif d.mode in AGENTS:
         _int_at_least(errors, "data.num_trajectories", d.num_trajectories, 1)
         if isinstance(d.num_trajectories, int) and isinstance(d.horizon, int):
             steps = d.num_trajectories * d.horizon if d.num_trajectories >= 1 else None

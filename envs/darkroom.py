@@ -36,13 +36,8 @@ MOVES = np.array([[0, 0], [0, 1], [0, -1], [-1, 0], [1, 0]], dtype=np.int64)
 
 DARKROOM_ID = "ringrl/DarkRoom-v0"
 DARKKEYTODOOR_ID = "ringrl/DarkKeyToDoor-v0"
-ENV_NAMES = ("darkroom", "darkkeytodoor")
-_ALIASES = {
-    "darkroom": "darkroom",
-    DARKROOM_ID.lower(): "darkroom",
-    "darkkeytodoor": "darkkeytodoor",
-    DARKKEYTODOOR_ID.lower(): "darkkeytodoor",
-}
+ENV_IDS = {"darkroom": DARKROOM_ID, "darkkeytodoor": DARKKEYTODOOR_ID}  # name -> Gymnasium id
+_ALIASES = {**{n: n for n in ENV_IDS}, **{i.lower(): n for n, i in ENV_IDS.items()}}
 HORIZON = {"darkroom": 20, "darkkeytodoor": 50}
 NUM_TASKS = {"darkroom": SIZE * SIZE, "darkkeytodoor": SIZE * SIZE * (SIZE * SIZE - 1)}
 
@@ -314,10 +309,8 @@ def state_observations(env_name: str, index: np.ndarray) -> np.ndarray:
 
 
 def _register() -> None:
-    for env_id, cls, name in (
-        (DARKROOM_ID, "DarkRoom", "darkroom"),
-        (DARKKEYTODOOR_ID, "DarkKeyToDoor", "darkkeytodoor"),
-    ):
+    for name, cls in (("darkroom", "DarkRoom"), ("darkkeytodoor", "DarkKeyToDoor")):
+        env_id = ENV_IDS[name]
         if env_id not in gym.registry:
             # The envs truncate at their horizon themselves; max_episode_steps only advertises it
             # (spec.max_episode_steps) and truncates at the same step.

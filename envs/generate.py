@@ -127,7 +127,7 @@ def learning_histories(
     np.cumsum(lengths, out=starts[1:])
     task_arr = np.repeat(np.asarray(env.tasks, np.int64), episodes)
     metadata = {
-        "env_id": darkroom.DARKROOM_ID if name == "darkroom" else darkroom.DARKKEYTODOOR_ID,
+        "env_id": darkroom.ENV_IDS[name],
         "source": "ringrl-qlearning",
         "learner": "epsilon-greedy tabular Q-learning",
         "episodes_per_task": episodes,

@@ -36,8 +36,10 @@ def main(argv: list[str]) -> None:
     from ringrl.ring import distributed
 
     distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
+    from ringrl.agents.agent import make_sampler
     from ringrl.agents.checkpoint import Checkpointer, config_mismatch
-    from ringrl.agents.trainer import load_data, make_sampler, train_and_evaluate
+    from ringrl.agents.trainer import train_and_evaluate
+    from ringrl.envs.sources import load_data
     from ringrl.experiments import plots
 
     base, root = cli.flag_value(), _WORKDIR.value
@@ -87,7 +89,8 @@ def main(argv: list[str]) -> None:
         best of the n draws) and the mean return of the trajectory in each slot (ascending: slot
         k holds the k-th worst of the n draws)."""
         config = ablation_context.cell(base, n, 0)
-        batch = make_sampler(config, load_data(config, verbose=False), seed=0).sample(1024)
+        trajectories = load_data(config, verbose=False).trajectories
+        batch = make_sampler(config, trajectories, seed=0).sample(1024)
         slot_returns = [
             (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1).mean()
             for k in range(n)

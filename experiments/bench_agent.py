@@ -38,7 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ringrl.agents import act, at, backbone, train  # noqa: E402
+from ringrl.agents import act, at, backbone, sharding  # noqa: E402
+from ringrl.agents.step import init_state, make_train_step  # noqa: E402
 from ringrl.ring.mesh import DATA, SEQ, make_mesh  # noqa: E402
 
 HORIZON = 256  # steps per trajectory slot: 1024 tokens per trajectory
@@ -101,11 +102,10 @@ def bench_train(
     layout = "striped" if attention == "ring" else "contiguous"
     model = model_for(tokens, attention, layout)
     cfg = config(steps + 1)
-    state = train.init_state(model, cfg, mesh, jax.random.key(0), obs_dim=OBS_DIM)
-    step = train.make_train_step(model, cfg, mesh)
-    batch = train.put_batch(random_batch(tokens // 4), mesh)
-    rng = jax.random.key(1)
-    compiled = step.lower(state, batch, rng).compile()
+    state = init_state(model, cfg, mesh, jax.random.key(0), obs_dim=OBS_DIM)
+    step = make_train_step(model, cfg, mesh)
+    batch = sharding.put_batch(random_batch(tokens // 4), mesh)
+    compiled = step.lower(state, batch).compile()
     mem = compiled_bytes(compiled)
     row = dict(tokens=tokens, model=attention, mem_gib=mem / GIB, tok_s=None, step_s=None)
     if mem > budget * GIB or tokens > time_max_tokens:
@@ -113,7 +113,7 @@ def bench_train(
     box = {"state": state}
 
     def one_step():  # AOT-compiled already, so the first call is no compile
-        box["state"], metrics = compiled(box["state"], batch, rng)
+        box["state"], metrics = compiled(box["state"], batch)
         return metrics
 
     row["step_s"] = timed(one_step, steps)
@@ -149,7 +149,7 @@ def filled_state(actor: act.Actor, state: act.ActorState, free_steps: int) -> ac
 def bench_act(tokens: int, mesh, steps: int) -> dict:
     model = model_for(max(tokens, 4 * HORIZON), "ring", "striped")
     params = backbone.init_params(model, jax.random.key(0), obs_dim=OBS_DIM)
-    params = jax.device_put(params, train.replicated(mesh))
+    params = jax.device_put(params, sharding.replicated(mesh))
     actor = act.Actor(model, mesh, max_steps=tokens // 4)
     state = filled_state(actor, actor.reset(1), free_steps=steps + 2)
     rng = np.random.default_rng(0)
@@ -162,7 +162,7 @@ def bench_act(tokens: int, mesh, steps: int) -> dict:
         if i:  # the first call compiles
             cached.append(time.perf_counter() - t0)
         state = actor.observe(state, np.zeros((1,), np.float32), np.zeros((1,), bool))
-    history = train.put_batch(random_batch(tokens // 4), mesh)
+    history = sharding.put_batch(random_batch(tokens // 4), mesh)
     recompute = jax.jit(lambda p, h, i: act.recompute_predict(model, p, h, i, mesh))
     last = jnp.int32(tokens // 4 - 1)
     compiled = recompute.lower(params, history, last).compile()

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     import jax
 
-    from ringrl.agents.trainer import evaluate_checkpoint, write_eval
+    from ringrl.agents.evaluation import evaluate_checkpoint, write_eval
     from ringrl.envs.evaluate import format_table
     from ringrl.experiments import plots
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ringrl.agents import act, at, backbone, dt
+from ringrl.agents import act, ad, at, backbone, dt
 from ringrl.ring.mesh import make_mesh
 
 B, S, A = 2, 2, 3
@@ -82,7 +82,7 @@ def test_dt_actor_isolates_attempts_continuous():
     )  # fmt: skip
     params = backbone.init_params(model, jax.random.key(1), obs_dim=S)
     mesh = make_mesh([("data", 1), ("seq", 1)], jax.devices("cpu")[:1])
-    actor = dt.make_actor(model, mesh, max_steps=8)
+    actor = dt.make_actor(model, mesh, attempts=2, horizon=4)
     state = actor.reset(B)
     history = {k: np.array(v) for k, v in backbone.dummy_batch(model, S, B, 4).items()}
     recompute = jax.jit(lambda p, h, i: act.recompute_predict(model, p, h, i, mesh))
@@ -101,3 +101,29 @@ def test_dt_actor_isolates_attempts_continuous():
             assert np.all(np.abs(np.asarray(action)) <= 1)
             history["actions"][:, t] = np.asarray(action)
             state = actor.observe(state, np.zeros(B, np.float32), np.full(B, t == length - 1))
+    # The DT policy (what evaluation runs) feeds the return-to-go: the target minus the rewards
+    # of the attempt so far, and the target again once an attempt ends.
+    policy = dt.make_policy(actor, params, target_return=5.0, seed=0)
+    policy.reset(B)
+    np.testing.assert_array_equal(policy.targets, [5.0, 5.0])
+    active = np.ones(B, bool)
+    for reward, done, want in (([1.0, 2.0], [0, 0], [4.0, 3.0]), ([0.5, 1.0], [0, 1], [3.5, 5.0])):
+        assert np.asarray(policy.act(rng.normal(size=(B, S)), active)).shape == (B, A)
+        policy.observe(np.array(reward, np.float32), np.array(done, bool), active)
+        np.testing.assert_array_equal(policy.targets, want)
+    np.testing.assert_array_equal(np.asarray(policy.state.attempt), [0, 1])
+
+
+@pytest.mark.parametrize("agent, want", [(at, 2.5), (ad, 0.0)])
+def test_in_context_policies_keep_their_target(model_and_params, agent, want):
+    """AT conditions every step on the target it was given; AD on 0 (never return-conditioned)."""
+    model, params = model_and_params
+    mesh = make_mesh([("data", 1), ("seq", 1)], jax.devices("cpu")[:1])
+    policy = agent.make_policy(
+        agent.make_actor(model, mesh, attempts=2, horizon=4), params, target_return=2.5, seed=0
+    )
+    policy.reset(B)
+    for done in ([0, 0], [1, 0]):
+        policy.act(np.zeros((B, S), np.float32), np.ones(B, bool))
+        policy.observe(np.ones(B, np.float32), np.array(done, bool), np.ones(B, bool))
+        np.testing.assert_array_equal(policy.targets, [want, want])

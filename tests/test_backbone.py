@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ringrl.agents import backbone
-from ringrl.agents.tokens import AT_TOKENS
+from ringrl.agents.at import TOKENS as AT_TOKENS
 from ringrl.ring.mesh import make_mesh
 
 B, T, S, A = 4, 16, 3, 5

@@ -173,9 +173,12 @@ def test_trainer_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch)
     result = trainer.train_and_evaluate(config, tmp_path / "killed", resume=True)
     assert result["step"] == 4
 
-    data = trainer.load_data(config, verbose=False)
+    from ringrl.agents.agent import Agent, make_sampler
+    from ringrl.envs.sources import load_data
+
+    data = load_data(config, verbose=False)
     mesh = make_mesh(config.mesh)
-    agent = trainer.Agent(config, trainer.make_sampler(config, data, 0), mesh, data.env_id)
+    agent = Agent(config, make_sampler(config, data.trajectories, 0), mesh, data.env_id)
     target = agent.init_state(jax.random.key(0))
     restored = [
         Checkpointer(tmp_path / run / "checkpoints").restore(target, step=4)

@@ -59,6 +59,12 @@ def test_train_bad_input(smoke_workdir, tmp_path, monkeypatch, capsys):
         train_and_evaluate(other, smoke_workdir, resume=True)
     with pytest.raises(ValueError, match="already has a checkpoint .step 1.; pass --resume"):
         train_and_evaluate(at_darkroom.get_config("smoke"), smoke_workdir)
+    unknown = at_darkroom.get_config("smoke")
+    with unknown.unlocked():
+        unknown.data.mode = "xx"
+        unknown.data.dir = str(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"config.data.mode='xx' is unknown; use one of \('at', "):
+        train_and_evaluate(unknown, tmp_path / "b")
     assert not os.path.exists(tmp_path / "data")  # refused before generating data
 
 

@@ -1,7 +1,7 @@
 """Smoke tests: every config trains a few steps and evaluates once (8 virtual CPU devices).
 
-Runs with equal shapes share their jitted train step and actor (agents.trainer caches them), so
-the DarkRoom AT/AD configs compile once.
+Runs with equal shapes build equal programs; XLA's persistent compilation cache (tests/conftest.py)
+compiles them once, so ablation_at (the shapes of at_darkroom) costs little.
 """
 
 import json
@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from ringrl.agents.evaluation import evaluate_checkpoint
 from ringrl.agents.trainer import train_and_evaluate
 from ringrl.configs import ablation_context, ad_darkroom, at_d4rl, at_darkroom, dt_d4rl
 
@@ -47,6 +48,10 @@ def _smoke(config, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[-1]["step"] == config.num_steps and "eval/return_attempt1" in rows[-1]
     assert os.listdir(tmp_path / "run" / "checkpoints")
+    # ringrl-eval's path: the restored checkpoint, evaluated the same way, acts the same.
+    stored, again = evaluate_checkpoint(tmp_path / "run")
+    assert stored.data.mode == config.data.mode
+    np.testing.assert_array_equal(again["returns"], ev["returns"])
     return result
 
 

@@ -284,7 +284,7 @@ def test_truncated_cache_is_regenerated(tmp_path, capsys):
     ],
 )
 def test_dataset_path_checked_against_the_env_before_training(tmp_path, override, expected):
-    from ringrl.agents.trainer import load_data
+    from ringrl.envs.sources import load_data
 
     path = _d4rl_file(tmp_path / "hopper-medium-v2.hdf5", **override)
     config = dt_d4rl.get_config(f"path={path},smoke")

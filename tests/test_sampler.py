@@ -1,11 +1,12 @@
-"""ContextSampler: chain-of-hindsight packing, AD consecutive episodes, DT windows, resumability."""
+"""Samplers of the agents: AT chain-of-hindsight packing, AD consecutive episodes, DT windows,
+resumability (agents.sampler.ContextSampler, shared by all three)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from ringrl.agents.sampler import ContextSampler
+from ringrl.agents import ad, at, dt
 from ringrl.envs.trajectories import Trajectories
 
 
@@ -41,7 +42,7 @@ def slot_returns(batch, i, n, h):
 
 def test_at_packing(data):
     n, h = 3, 5  # some episodes (length 6) are longer than the slot: truncated
-    sampler = ContextSampler(data, mode="at", num_trajectories=n, horizon=h, seed=1)
+    sampler = at.make_sampler(data, num_trajectories=n, horizon=h, seed=1)
     batch = sampler.sample(16)
     assert batch["observations"].shape == (16, n * h, 3)
     assert batch["actions"].shape == (16, n * h) and batch["actions"].dtype == np.int32
@@ -72,7 +73,7 @@ def test_at_packing(data):
 
 
 def test_ad_consecutive(data):
-    sampler = ContextSampler(data, mode="ad", num_trajectories=3, horizon=6, seed=2)
+    sampler = ad.make_sampler(data, num_trajectories=3, horizon=6, seed=2)
     batch = sampler.sample(8)
     for i in range(8):
         first = batch["observations"][i].reshape(3, 6, 3)[:, 0]
@@ -85,7 +86,7 @@ def test_ad_consecutive(data):
 
 def test_dt_windows(data):
     k = 4
-    sampler = ContextSampler(data, mode="dt", context_steps=k, seed=3)
+    sampler = dt.make_sampler(data, context_steps=k, seed=3)
     batch = sampler.sample(32)
     assert batch["observations"].shape == (32, k, 3)
     for i in range(32):
@@ -102,7 +103,7 @@ def test_dt_windows(data):
 
 def test_no_task_ids_uses_whole_dataset():
     data = make_trajectories(with_tasks=False)
-    batch = ContextSampler(data, mode="at", num_trajectories=4, horizon=6, seed=0).sample(16)
+    batch = at.make_sampler(data, num_trajectories=4, horizon=6, seed=0).sample(16)
     tasks_per_sample = [
         len(set(b[m, 0].tolist())) for b, m in zip(batch["observations"], batch["mask"])
     ]
@@ -110,8 +111,8 @@ def test_no_task_ids_uses_whole_dataset():
 
 
 def test_deterministic_and_resumable(data):
-    a = ContextSampler(data, mode="at", num_trajectories=2, horizon=6, seed=7)
-    b = ContextSampler(data, mode="at", num_trajectories=2, horizon=6, seed=7)
+    a = at.make_sampler(data, num_trajectories=2, horizon=6, seed=7)
+    b = at.make_sampler(data, num_trajectories=2, horizon=6, seed=7)
     a.sample(4)
     saved = json.loads(json.dumps(a.state_dict(), default=int))  # survives a JSON round trip
     expected = [a.sample(4) for _ in range(2)]
@@ -120,20 +121,35 @@ def test_deterministic_and_resumable(data):
         got = b.sample(4)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
-    c = ContextSampler(data, mode="at", num_trajectories=2, horizon=6, seed=8)
+    c = at.make_sampler(data, num_trajectories=2, horizon=6, seed=8)
     c.sample(4)
     assert not np.array_equal(c.sample(4)["observations"], expected[0]["observations"])
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "make, kwargs, match",
     [
-        (dict(mode="xx"), "mode"),
-        (dict(mode="dt"), "context_steps"),
-        (dict(mode="at", num_trajectories=2, horizon=4, context_steps=9), "num_trajectories"),
-        (dict(mode="ad", num_trajectories=50, horizon=4), "num_trajectories"),
+        (dt.make_sampler, dict(context_steps=0), "context_steps"),
+        (at.make_sampler, dict(num_trajectories=0, horizon=4), "num_trajectories"),
+        (at.make_sampler, dict(num_trajectories=2, horizon=0), "horizon"),
+        (ad.make_sampler, dict(num_trajectories=50, horizon=4), "num_trajectories"),
     ],
 )
-def test_bad_arguments(data, kwargs, match):
+def test_bad_arguments(data, make, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ContextSampler(data, **kwargs)
+        make(data, seed=0, **kwargs)
+
+
+def test_unknown_mode_and_dt_slots():
+    import ml_collections
+
+    from ringrl.agents.agent import make_sampler
+
+    config = ml_collections.ConfigDict(
+        dict(data=dict(mode="xx", num_trajectories=2, horizon=4, context_steps=4))
+    )
+    with pytest.raises(ValueError, match=r"config.data.mode='xx' is unknown; use one of"):
+        make_sampler(config, make_trajectories(), seed=0)
+    config.data.mode = "dt"  # DT packs one trajectory window: n=2 is refused, not ignored
+    with pytest.raises(ValueError, match="num_trajectories=2"):
+        make_sampler(config, make_trajectories(), seed=0)

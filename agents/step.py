@@ -1,11 +1,12 @@
 """Train state and the sharded train step.
 
-Dimension letters: B batch, T steps (see agents.sampler for the batch arrays).
+Dimension letters: B batch, T steps (see agents.batch for the batch arrays).
 
-One jitted `train_step(state, batch, rng) -> (state, metrics)` over the (DATA, SEQ) mesh: params and
+One jitted `train_step(state, batch) -> (state, metrics)` over the (DATA, SEQ) mesh: params and
 optimizer state replicated (P()), batch arrays P(DATA, SEQ), state donated. The loss is the mean
 over every valid action target of the global batch (agents.backbone.loss), so its value and
-gradient do not depend on the mesh.
+gradient do not depend on the mesh. The model is deterministic (no dropout), so the step takes no
+random key; a stochastic loss would take `jax.random.fold_in(state.rng, state.step)`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import struct
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from ringrl.agents import backbone
-from ringrl.ring.mesh import DATA, SEQ
+from ringrl.agents.sharding import batch_sharding, replicated
 
 
 @struct.dataclass
@@ -35,7 +33,9 @@ class TrainState:
       step: int32 scalar, number of updates done.
       params: model parameters (the "params" collection).
       opt_state: optax state.
-      rng: PRNG key of the run (per-step keys are derived with fold_in).
+      rng: the run's PRNG key, the source of per-step keys `fold_in(rng, step)` for a stochastic
+        loss. Nothing consumes it while the model is deterministic; it stays so that checkpoints
+        keep their layout (a state without it cannot restore an existing checkpoint).
     """
 
     step: jax.Array
@@ -81,15 +81,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     )
 
 
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Sharding of every [B, T, ...] batch array: P(DATA, SEQ)."""
-    return NamedSharding(mesh, P(DATA, SEQ))
-
-
 def init_state(
     model: backbone.Backbone,
     config: ml_collections.ConfigDict,
@@ -123,53 +114,17 @@ def init_state(
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-    """Replicated NamedSharding for every leaf (parameters are not sharded)."""
-    return jax.tree.map(lambda _: replicated(mesh), state)
-
-
-def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-    """A host array of the GLOBAL shape placed with `sharding`.
-
-    Every process passes the same array and transfers only the shards its own devices hold, so
-    this works unchanged in one process and across several (`jax.distributed`), where
-    `jax.device_put` refuses shardings with devices of other processes.
-    """
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole value of a (possibly multi-process) array as numpy, on every process."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Places a host batch of the GLOBAL shape on the mesh with P(DATA, SEQ).
-
-    Every process passes the same global batch (the samplers are seeded identically and cheap to
-    run); each process transfers only the shards its own devices hold, so with the sequence split
-    over processes a process never copies the other processes' tokens to a device.
-    """
-    sharding = batch_sharding(mesh)
-    return {k: put_global(v, sharding) for k, v in batch.items()}
-
-
 def make_train_step(
     model: backbone.Backbone,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     example_batch: dict[str, Any] | None = None,
     max_traces: int | None = None,
-) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
-    """The jitted `train_step(state, batch, rng) -> (state, metrics)`.
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
+    """The jitted `train_step(state, batch) -> (state, metrics)`.
 
     The function is jitted here, once, with explicit shardings (state replicated, batch
-    P(DATA, SEQ), rng replicated) and `donate_argnums=0`. Metrics: loss, grad_norm (before
+    P(DATA, SEQ)) and `donate_argnums=0`. Metrics: loss, grad_norm (before
     clipping), lr, num_targets. Tokens/s is the caller's to measure.
 
     Args:
@@ -185,12 +140,7 @@ def make_train_step(
     if example_batch is not None:
         backbone.check_batch(model, example_batch, mesh)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        # The model is deterministic today (no dropout); the per-step key is derived anyway so
-        # stochastic additions get a fresh, reproducible key each step.
-        step_rng = jax.random.fold_in(rng, state.step)
-        del step_rng
-
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(params):
             return backbone.loss(model, params, batch, mesh)
 
@@ -211,7 +161,7 @@ def make_train_step(
     rep = replicated(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(rep, batch_sharding(mesh), rep),
+        in_shardings=(rep, batch_sharding(mesh)),
         out_shardings=(rep, rep),
         donate_argnums=0,
     )

@@ -1,0 +1,94 @@
+"""Algorithm Distillation (Laskin et al. 2022) on the ring backbone: the whole agent.
+
+Dimension letters: T steps, k = 4 tokens per step (target return, state, action, reward).
+
+AD is the Agentic Transformer's model and actor trained on another context: n *consecutive*
+episodes of one task's learning history, in learning order, so the model imitates the learner's
+improvement rather than the best trajectory. It is not return-conditioned: every target-return
+token is 0, in training and when acting.
+
+* Model, actor, evaluation contexts: agents.at (`make_model`, `make_actor`,
+  `check_eval_context`): n slots of `horizon` steps, attempts fill the slots in order.
+* Sampler (`HistorySampler`): consecutive episodes, targets 0.
+* Conditioning (`make_policy`): target 0 at every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from ringrl.agents.act import Actor, ActorPolicy, fixed_target
+from ringrl.agents.at import SlotSampler, check_eval_context, make_actor, make_model, model_for
+
+__all__ = [
+    "MODE",
+    "HistorySampler",
+    "check_eval_context",
+    "make_actor",
+    "make_model",
+    "make_policy",
+    "make_sampler",
+    "model_for",
+    "sampler_for",
+]
+
+MODE = "ad"
+
+
+class HistorySampler(SlotSampler):
+    """n consecutive episodes of one task's learning history per context, in learning order.
+
+    Takes the arguments of agents.at.SlotSampler; the trajectories' episodes must be in learning
+    order within each task (as envs.generate.learning_histories writes them).
+
+    Raises:
+      ValueError: no task has n episodes.
+    """
+
+    def usable_groups(self, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """The tasks with at least n episodes (a context is n consecutive ones)."""
+        groups = [g for g in groups if len(g) >= self.num_trajectories]
+        if not groups:
+            raise ValueError(
+                f"AD needs a task with >= num_trajectories={self.num_trajectories} episodes; "
+                "lower num_trajectories"
+            )
+        return groups
+
+    def episodes(self, group: np.ndarray) -> np.ndarray:
+        """n consecutive episodes of the task, from a random start."""
+        n = self.num_trajectories
+        first = self._rng.integers(len(group) - n + 1)
+        return group[first : first + n]
+
+    def order_and_target(self, episodes: np.ndarray, returns: np.ndarray) -> tuple[Any, float]:
+        """Learning order, target 0 (not return-conditioned)."""
+        return np.arange(len(episodes)), 0.0
+
+
+def make_sampler(
+    trajectories: Any, *, num_trajectories: int, horizon: int | None, seed: int
+) -> HistorySampler:
+    """The AD sampler: n consecutive episodes of one task's learning history, targets 0."""
+    return HistorySampler(
+        trajectories, num_trajectories=num_trajectories, horizon=horizon, seed=seed
+    )
+
+
+def sampler_for(
+    trajectories: Any, config: ml_collections.ConfigDict, *, seed: int
+) -> HistorySampler:
+    """`make_sampler` of a config (n = config.data.num_trajectories, slot config.data.horizon)."""
+    d = config.data
+    return make_sampler(
+        trajectories, num_trajectories=d.num_trajectories, horizon=d.horizon, seed=seed
+    )
+
+
+def make_policy(actor: Actor, params: Any, *, target_return: float, seed: int) -> ActorPolicy:
+    """Evaluation policy: target token 0 at every step (`target_return` is ignored)."""
+    del target_return  # AD was never conditioned on a return
+    return ActorPolicy(actor, params, target=0.0, rule=fixed_target, seed=seed)

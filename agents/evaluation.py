@@ -1,0 +1,172 @@
+"""Evaluation of a trained agent in Gymnasium environments, several attempts per environment.
+
+`evaluate_agent` runs an `agents.agent.Agent` through the harness (envs.evaluate.evaluate) on the
+evaluation tasks of the data (held-out or training goals of an in-context task), with the
+random/optimal references of those tasks; `eval_scalars` flattens a result for logging,
+`write_eval` writes it as JSON, and `evaluate_checkpoint` does all of it for a saved run (what
+`ringrl-eval` calls).
+
+Dimension letters: K attempts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ringrl.agents.agent import Agent, check_eval_context, make_sampler
+from ringrl.agents.checkpoint import Checkpointer
+from ringrl.agents.workdir import check_workdir
+from ringrl.envs import darkroom
+from ringrl.envs.evaluate import check_env_id, evaluate
+from ringrl.envs.sources import Data, load_data
+from ringrl.ring.mesh import make_mesh
+
+
+def env_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of `gym.make` for evaluation: the episode cap config.eval.max_steps."""
+    return {"max_episode_steps": int(config.eval.max_steps)} if config.eval.max_steps > 0 else {}
+
+
+def eval_tasks(config: ml_collections.ConfigDict, data: Data) -> list[int] | None:
+    """The task ids to evaluate on (None for single-task envs)."""
+    if data.heldout_tasks is None:
+        return None
+    if config.eval.tasks not in ("heldout", "train"):
+        raise ValueError(f"config.eval.tasks must be 'heldout' or 'train', got {config.eval.tasks}")
+    return data.heldout_tasks if config.eval.tasks == "heldout" else data.train_tasks
+
+
+def eval_reference(config: ml_collections.ConfigDict, data: Data) -> tuple[float, float] | None:
+    """(random, optimal) mean returns of the evaluated in-context tasks; None otherwise."""
+    tasks = eval_tasks(config, data)
+    if tasks is None:
+        return None
+    from ringrl.envs.generate import random_return
+
+    name = darkroom.canonical_name(data.env_id)
+    optimal = float(np.mean([darkroom.optimal_return(name, t) for t in tasks]))
+    return random_return(name, tasks, seed=0), optimal
+
+
+def evaluate_agent(
+    config: ml_collections.ConfigDict,
+    agent: Agent,
+    params: Any,
+    data: Data,
+    *,
+    attempts: int | None = None,
+    num_envs: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Runs the agent in `data.env_id` for K attempts per environment (see envs.evaluate)."""
+    attempts = config.eval.attempts if attempts is None else attempts
+    check_eval_context(config, data.env_id, attempts)
+    tasks = eval_tasks(config, data)
+    reference = eval_reference(config, data)
+    seed = config.eval.seed if seed is None else seed
+    num_envs = config.eval.num_envs if num_envs is None else num_envs
+    num_envs = -(-num_envs // agent.data_size) * agent.data_size  # whole DATA shards
+    policy = agent.policy(
+        params,
+        attempts=attempts,
+        target_return=config.eval.target_return,
+        sample=config.eval.sample,
+        seed=seed,
+    )
+    result = evaluate(
+        policy,
+        data.env_id,
+        num_envs=num_envs,
+        attempts=attempts,
+        seed=seed,
+        tasks=tasks,
+        env_kwargs=env_kwargs(config),
+        reference=reference,
+        score_name=data.score_name,
+    )
+    if reference is not None:
+        result["reference_random"], result["reference_optimal"] = reference
+    return result
+
+
+def eval_scalars(result: dict[str, Any]) -> dict[str, float]:
+    """Flat `eval/...` scalars of an evaluation result, for logging."""
+    out = {}
+    for k, mean in enumerate(result["return_mean"]):
+        out[f"eval/return_attempt{k + 1}"] = mean
+    for key in (
+        "best_attempt_return_mean",
+        "last_attempt_return_mean",
+        "normalized_best_attempt_return_mean",
+        "normalized_last_attempt_return_mean",
+    ):
+        if result.get(key) is not None:
+            out[f"eval/{key}"] = result[key]
+    return out
+
+
+def write_eval(workdir: str, result: dict[str, Any], name: str = "eval.json") -> str | None:
+    """Writes an evaluation result as JSON (atomic) into the workdir (process 0 only)."""
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def evaluate_checkpoint(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    attempts: int | None = None,
+    **eval_overrides: Any,
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """Restores a run's checkpoint and evaluates it (what `ringrl-eval` does).
+
+    Args:
+      workdir: the run directory (with checkpoints/).
+      step: checkpoint step (default: latest).
+      config: if given, must agree with the stored config in the model/data groups.
+      attempts: attempts per environment (default: the stored config.eval.attempts).
+      **eval_overrides: config.eval fields to change (tasks, seed, num_envs, env_id, ...).
+
+    Returns:
+      (the config used, the evaluation result).
+
+    Raises:
+      FileNotFoundError: no checkpoint. ValueError: a config mismatch, an unknown env id, too
+        many attempts for the model, unknown override fields.
+    """
+    workdir = check_workdir(workdir, create=False)  # a mistyped path is not created
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+    try:
+        saved = ckpt.saved_config(step)
+        if config is not None:
+            ckpt.check_config(config, step)
+        stored = ml_collections.ConfigDict(saved)
+        for key, value in eval_overrides.items():
+            if key not in stored.eval:
+                raise ValueError(f"config.eval has no field {key!r}; have {sorted(stored.eval)}")
+            stored.eval[key] = value
+        stored.lock()
+        attempts = stored.eval.attempts if attempts is None else attempts
+        if stored.eval.env_id:
+            check_env_id(stored.eval.env_id)
+        mesh = make_mesh(stored.mesh)
+        data = load_data(stored, verbose=False)
+        check_eval_context(stored, data.env_id, attempts)
+        sampler = make_sampler(stored, data.trajectories, seed=stored.seed)
+        agent = Agent(stored, sampler, mesh, data.env_id)
+        state, _ = ckpt.restore(agent.init_state(jax.random.key(stored.seed)), step=step)
+    finally:
+        ckpt.close()
+    return stored, evaluate_agent(stored, agent, state.params, data, attempts=attempts)
