@@ -5,8 +5,9 @@ Dimension letters: B batch, T steps (see agents.batch for the batch arrays).
 One jitted `train_step(state, batch) -> (state, metrics)` over the (DATA, SEQ) mesh: params and
 optimizer state replicated (P()), batch arrays P(DATA, SEQ), state donated. The loss is the mean
 over every valid action target of the global batch (agents.backbone.loss), so its value and
-gradient do not depend on the mesh. The model is deterministic (no dropout), so the step takes no
-random key; a stochastic loss would take `jax.random.fold_in(state.rng, state.step)`.
+gradient do not depend on the mesh. The model is deterministic (no dropout), so the state holds no
+random key and the step takes none; a stochastic loss would add a key to the state and use
+`jax.random.fold_in(key, state.step)` per step.
 """
 
 from __future__ import annotations
@@ -33,15 +34,11 @@ class TrainState:
       step: int32 scalar, number of updates done.
       params: model parameters (the "params" collection).
       opt_state: optax state.
-      rng: the run's PRNG key, the source of per-step keys `fold_in(rng, step)` for a stochastic
-        loss. Nothing consumes it while the model is deterministic; it stays so that checkpoints
-        keep their layout (a state without it cannot restore an existing checkpoint).
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array
 
 
 def _optim(config: ml_collections.ConfigDict) -> tuple[Any, int]:
@@ -97,17 +94,14 @@ def init_state(
       model: the Backbone.
       config: needs config.optim (lr, warmup_steps, weight_decay, grad_clip) and num_steps.
       mesh: (DATA, SEQ) mesh.
-      rng: PRNG key (jax.random.key); split into init and run keys.
+      rng: PRNG key (jax.random.key) of the parameter initialisation.
       obs_dim: S.
     """
     tx = make_optimizer(config)
 
     def init(rng):
-        init_rng, run_rng = jax.random.split(rng)
-        params = backbone.init_params(model, init_rng, obs_dim)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=run_rng
-        )
+        params = backbone.init_params(model, rng, obs_dim)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     abstract = jax.eval_shape(init, rng)
     shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
