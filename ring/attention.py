@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ringrl.ring.layout import check_layout, local_positions
+from ringrl.ring.layout import check_layout, local_positions, num_hops
 from ringrl.ring.mesh import SEQ
 from ringrl.ring.softmax import merge
 
@@ -66,37 +66,6 @@ def default_block(t_local: int, cap: int = DEFAULT_BLOCK) -> int:
         if t_local % b == 0:
             return b
     return 1
-
-
-@functools.lru_cache(maxsize=256)
-def num_hops(layout: str, stripe: int, window: int | None, t_local: int, n: int) -> int:
-    """Number of ring hops (blocks visited, own block included) any device needs.
-
-    Hop h brings device i the block of device (i - h) mod n. Without a window every hop is needed
-    (some device sees every block). With window w a hop is needed only if some query at position p
-    on some device has a key p-w+1 .. p on the block h hops back. For the contiguous layout and
-    w <= T_local that is 2 hops.
-    """
-    if window is None or n == 1:
-        return n
-    if layout == "contiguous":
-        # keys of block i-h reach up to (i-h+1)*T_local - 1; the earliest query on i is i*T_local,
-        # which sees keys >= i*T_local - w + 1. Needed iff (1-h)*T_local - 1 >= 1 - w.
-        # Hops with i - h < 0 wrap round to future blocks and are never needed.
-        need = [h for h in range(n) if (1 - h) * t_local - 1 >= 1 - window]
-        return max(need) + 1
-    last = 0
-    for h in range(1, n):
-        for i in range(n):
-            qp = local_positions(i, n, t_local, layout, stripe, xp=np)
-            kp = local_positions((i - h) % n, n, t_local, layout, stripe, xp=np)
-            # nearest key at or before each query (kp sorted)
-            j = np.searchsorted(kp, qp, side="right") - 1
-            ok = j >= 0
-            if np.any(qp[ok] - kp[j[ok]] < window):
-                last = h
-                break
-    return last + 1
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -420,7 +389,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv):
     """Validates the arguments (before any tracing work) and builds the static config."""
-    check_layout(layout, stripe)
+    check_layout(layout, stripe)  # the name first; the length once the ring size is known
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must be [B, T_local, H, D], got shape {jnp.shape(x)}")
@@ -460,11 +429,7 @@ def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, b
                 f"jax.shard_map over a mesh with an axis named {axis_name!r} (e.g. "
                 f"ring.make_mesh([(DATA, 1), (SEQ, n)])), or use blockwise_attention on one device"
             ) from None
-    if layout == "striped" and tl % stripe:
-        raise ValueError(
-            f"T_local={tl} is not divisible by stripe={stripe}; pad the sequence to a multiple "
-            f"of n*stripe"
-        )
+    check_layout(layout, stripe, length=n * tl, n=n)
     block_q = default_block(tl) if block_q is None else block_q
     block_kv = default_block(tl) if block_kv is None else block_kv
     for name, bsz in (("block_q", block_q), ("block_kv", block_kv)):

@@ -1,13 +1,12 @@
 """Ring attention vs the dense oracle (forward and gradients), hop counts, skipping, errors.
 
-Fresh random inputs every run; failure messages print RING_TEST_SEED=<seed>: set that environment
-variable to replay the same inputs. Shapes are tiny and each case compiles one function (forward
-and grads together).
+Random inputs come from a fixed default seed, printed in failure messages as
+RING_TEST_SEED=<seed>; set that environment variable to explore other inputs. Shapes are tiny and
+each case compiles one function (forward and grads together).
 """
 
 import os
 import re
-import time
 import zlib
 
 import jax
@@ -18,12 +17,12 @@ from jax.sharding import PartitionSpec as P
 
 import ringrl.ring.attention as ring_attention_module
 from ringrl.ring import DATA, SEQ, make_mesh
-from ringrl.ring.attention import blockwise_attention, num_hops, ring_attention
-from ringrl.ring.layout import from_layout, local_positions, to_layout
+from ringrl.ring.attention import blockwise_attention, ring_attention
+from ringrl.ring.layout import from_layout, local_positions, num_hops, to_layout
 from ringrl.ring.reference import dense_attention
 
-# Fresh inputs each run; replay a failure with RING_TEST_SEED=<seed printed in the message>.
-SEED = int(os.environ.get("RING_TEST_SEED", time.time_ns() % 2**32))
+# Fixed default seed (printed on failure); set RING_TEST_SEED=<int> to explore other inputs.
+SEED = int(os.environ.get("RING_TEST_SEED", "0"))
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
@@ -322,10 +321,10 @@ def test_error_segment_ids_shape():
 
 
 def test_error_unknown_layout():
-    with pytest.raises(ValueError, match="unknown layout 'zigzag'"):
-        _sharded_call(2, layout="zigzag")(X, X, X)
+    with pytest.raises(ValueError, match="unknown layout 'spiral'"):
+        _sharded_call(2, layout="spiral")(X, X, X)
 
 
 def test_error_stripe_not_dividing():
-    with pytest.raises(ValueError, match="not divisible by stripe=3"):
+    with pytest.raises(ValueError, match=r"length 16 is not a positive multiple of 6 .*stripe 3"):
         _sharded_call(2, layout="striped", stripe=3)(X, X, X)
