@@ -298,30 +298,26 @@ def _shift(x, cfg: _Cfg, shift: int):
     return jax.lax.ppermute(x, cfg.axis_name, perm)
 
 
-def _walk(step, state, cfg: _Cfg):
-    """Runs `step(h, state, send)` for hops h = 0 .. hops-1, never sending after the last hop.
+def _loop(body, lo: int, hi: int, state):
+    """`body(h, state)` for h = lo .. hi-1: unrolled for at most one hop, else one fori_loop.
 
-    One or two hops are unrolled (`send` a Python bool): with a window of <= T_local the forward
-    pass then makes exactly one collective permute. Longer rings run one loop over all hops with
-    the send under `lax.cond(h < hops - 1)` (every device takes the same branch), so the hop
-    kernel is compiled once whatever n is.
+    The hop kernel is then compiled once for the loop whatever n is, and a ring of two devices
+    (or a window <= T_local) makes exactly one send per pass.
     """
-    if cfg.hops <= 2:
-        for h in range(cfg.hops):
-            state = step(h, state, h < cfg.hops - 1)
+    if hi - lo <= 1:
+        for h in range(lo, hi):
+            state = body(h, state)
         return state
-    return jax.lax.fori_loop(0, cfg.hops, lambda h, st: step(h, st, h < cfg.hops - 1), state)
-
-
-def _maybe_shift(x, cfg: _Cfg, send):
-    """`_shift(x, cfg, 1)` if `send` (a Python or traced bool), else x."""
-    if isinstance(send, bool):
-        return _shift(x, cfg, 1) if send else x
-    return jax.lax.cond(send, lambda y: _shift(y, cfg, 1), lambda y: y, x)
+    return jax.lax.fori_loop(lo, hi, body, state)
 
 
 def _forward(q, k, v, seg, cfg: _Cfg):
-    """Returns (out [B, Tl, H, D] in q.dtype, lse [B, Tl, H] f32)."""
+    """Returns (out [B, Tl, H, D] in q.dtype, lse [B, Tl, H] f32).
+
+    Hops 0 .. hops-2 run in a loop whose K/V send is unconditional and reads only the loop carry,
+    so it does not wait for (and can run under) that hop's block computation; the last hop is
+    peeled off and sends nothing.
+    """
     idx = _device_index(cfg)
     tl = q.shape[1]
     kv = jnp.stack([k, v])  # one array travels: one collective per hop
@@ -329,18 +325,29 @@ def _forward(q, k, v, seg, cfg: _Cfg):
     o = _vary_like(jnp.zeros(q.shape, _F32), q)
     lse = _vary_like(jnp.full(q.shape[:-1], -jnp.inf, _F32), q)
 
-    def step(h, state, send):
-        o, lse, kv, kseg = state
+    def hop(h, o, lse, kv, kseg):
         kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
-        o, lse = _fwd_hop(q, kv, qpos, kpos, seg, kseg, o, lse, cfg)
-        kv, kseg = _maybe_shift((kv, kseg), cfg, send)
-        return o, lse, kv, kseg
+        return _fwd_hop(q, kv, qpos, kpos, seg, kseg, o, lse, cfg)
 
-    o, lse, _, _ = _walk(step, (o, lse, kv, seg), cfg)
+    def body(h, state):
+        o, lse, kv, kseg = state
+        kv_next, kseg_next = _shift((kv, kseg), cfg, 1)
+        o, lse = hop(h, o, lse, kv, kseg)
+        return o, lse, kv_next, kseg_next
+
+    o, lse, kv, kseg = _loop(body, 0, cfg.hops - 1, (o, lse, kv, seg))
+    o, lse = hop(cfg.hops - 1, o, lse, kv, kseg)
     return o.astype(q.dtype), lse
 
 
 def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
+    """Returns (dq, dk, dv), walking the ring again with K/V and their travelling dK/dV.
+
+    Software-pipelined: at hop h a device computes its partial dK/dV of the block it holds into a
+    fresh buffer, and only then adds the accumulator that arrived for that block (sent by the
+    previous device at the start of this hop, from the loop carry). So neither the K/V send nor
+    the dK/dV send of a hop depends on that hop's block computation.
+    """
     idx = _device_index(cfg)
     b, tl, h, d = q.shape
     # D_i = rowsum(dO * O), from the output as returned (FlashAttention-2).
@@ -348,21 +355,37 @@ def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
     kv = jnp.stack([k, v])
     qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
     dq = _vary_like(jnp.zeros(q.shape, _F32), q)
-    dkvT = _vary_like(jnp.zeros((2, b, h, d, tl), _F32), q)
 
-    def step(hop, state, send):
-        dq, kv, dkvT, kseg = state
-        kpos = local_positions((idx - hop) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
-        dkvT, dq = _bwd_hop(q, g, lse, di, kv, qpos, kpos, seg, kseg, dkvT, dq, cfg)
-        # dK/dV travel with their K/V block.
-        kv, dkvT, kseg = _maybe_shift((kv, dkvT, kseg), cfg, send)
-        return dq, kv, dkvT, kseg
+    def hop(hop_index, kv, kseg, dq):
+        """This device's partial dK/dV^T [2, B, H, D, Tl] of the block it holds, and dq."""
+        kpos = local_positions((idx - hop_index) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
+        zero = _vary_like(jnp.zeros((2, b, h, d, tl), _F32), q)
+        return _bwd_hop(q, g, lse, di, kv, qpos, kpos, seg, kseg, zero, dq, cfg)
 
-    dq, _, dkvT, _ = _walk(step, (dq, kv, dkvT, seg), cfg)
+    dkvT, dq = hop(0, kv, seg, dq)
+    if cfg.hops == 1:
+        return _finish_backward(q, k, v, dq, dkvT)
+
+    def body(hop_index, state):
+        dq, kv, kseg, acc = state
+        incoming = _shift(acc, cfg, 1)  # the accumulator of the block this device holds now
+        partial, dq = hop(hop_index, kv, kseg, dq)
+        kv_next, kseg_next = _shift((kv, kseg), cfg, 1)
+        return dq, kv_next, kseg_next, incoming + partial
+
+    kv, kseg = _shift((kv, seg), cfg, 1)
+    dq, kv, kseg, dkvT = _loop(body, 1, cfg.hops - 1, (dq, kv, kseg, dkvT))
+    incoming = _shift(dkvT, cfg, 1)
+    partial, dq = hop(cfg.hops - 1, kv, kseg, dq)
+    dkvT = incoming + partial
     # dk/dv now belong to device idx - (hops - 1): send them home.
     back = -(cfg.hops - 1) % cfg.n
     if back:
         dkvT = _shift(dkvT, cfg, back)
+    return _finish_backward(q, k, v, dq, dkvT)
+
+
+def _finish_backward(q, k, v, dq, dkvT):
     dk = jnp.transpose(dkvT[0], (0, 3, 1, 2)).astype(k.dtype)  # [B, Tl, H, D]
     dv = jnp.transpose(dkvT[1], (0, 3, 1, 2)).astype(v.dtype)
     return dq.astype(q.dtype), dk, dv

@@ -212,6 +212,7 @@ def hop_counts():
         compiled = f.lower(q, k, v, w, None).compile()
         hlo = compiled.as_text()
         result[window] = (_permute_hops(hlo, "fwd"), _permute_hops(hlo, "bwd"))
+        result["hlo", window] = hlo
         if window is not None:  # the short ring still computes exact windowed attention
             out, grads = compiled(q, k, v, w, None)
             ref = _fwd_and_grads(lambda q, k, v, ids: dense_attention(q, k, v, window=5))
@@ -233,12 +234,99 @@ def test_window_makes_at_most_two_hops(hop_counts):
 
 
 def test_unwindowed_ring_makes_all_hops(hop_counts):
-    # The same counter sees every hop without a window, so the test above can fail. (Long rings
-    # run the hops in a loop whose send sits under a cond skipped on the last hop; the counter
-    # weights by the loop's trip count, so it reports n or n-1 here.)
+    # The same counter sees every hop without a window, so the test above can fail. Forward: K/V
+    # sent n-1 times. Backward: K/V and the dK/dV accumulator n-1 times each, then dK/dV home.
     fwd, bwd = hop_counts[None]
-    assert fwd >= 7, hop_counts
-    assert bwd >= 2 * 7 + 1, hop_counts
+    assert fwd == 7, hop_counts[None]
+    assert bwd == 2 * 7 + 1, hop_counts[None]
+
+
+_HEAVY_OPS = re.compile(r" (?:conditional|while|dot|convolution|custom-call)\(")
+
+
+def _instructions(body: str) -> dict[str, str]:
+    """{instruction name: its line} of one computation's body."""
+    out = {}
+    for line in body.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+        if m:
+            out[m.group(1)] = line
+    return out
+
+
+def _heavy_computations(comps: dict[str, str]) -> set[str]:
+    """Computations that contain (or call, transitively) a dot, loop, branch or custom call."""
+    heavy = {c for c, body in comps.items() if _HEAVY_OPS.search(body)}
+    grew = True
+    while grew:
+        grew = False
+        for c, body in comps.items():
+            if c not in heavy and any(ref in heavy for ref in re.findall(_CALL_RE, body)):
+                heavy.add(c)
+                grew = True
+    return heavy
+
+
+def _branch_computations(comps: dict[str, str]) -> set[str]:
+    """Computations that run inside a conditional branch (transitively)."""
+    inside = set()
+    for body in comps.values():
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
+            inside.update(re.findall(r"%?([\w.\-]+)", group))
+        inside.update(re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", body))
+    frontier = set(inside)
+    while frontier:
+        new = {ref for c in frontier for ref in re.findall(_CALL_RE, comps.get(c, ""))}
+        frontier = new - inside
+        inside |= new
+    return inside
+
+
+def test_hop_sends_are_unconditional_and_independent_of_the_hop_compute(hop_counts):
+    """Overlap-ready structure, read from the compiled CPU HLO of forward+backward (n=8).
+
+    No collective-permute runs inside a conditional computation, and inside the hop loops each
+    permute depends only on the loop carry, never on a dot, branch or loop of the same iteration
+    (the hop's attention compute), so a latency-hiding scheduler may overlap the two.
+    """
+    hlo = hop_counts["hlo", None]
+    comps = _computations(hlo)
+    heavy = _heavy_computations(comps)
+    branches = _branch_computations(comps)
+    loop_bodies = {
+        m.group(1) for body in comps.values() for m in re.finditer(r"body=%?([\w.\-]+)", body)
+    }
+    checked = {"fwd": 0, "bwd": 0}
+    for cname, body in comps.items():
+        if "collective-permute(" not in body:
+            continue
+        assert cname not in branches, f"collective-permute inside conditional branch {cname}"
+        if cname not in loop_bodies:
+            continue
+        instrs = _instructions(body)
+        assert any(
+            _HEAVY_OPS.search(line) or any(r in heavy for r in re.findall(_CALL_RE, line))
+            for line in instrs.values()
+        ), f"hop loop {cname} has no attention compute: the check below would be vacuous"
+        for name, line in instrs.items():
+            if " collective-permute(" not in line:
+                continue
+            stack, seen = [name], set()
+            while stack:
+                cur = instrs[stack.pop()]
+                rhs = cur.split(" = ", 1)[1].split(", metadata=")[0]
+                for ref in re.findall(r"%([\w.\-]+)", rhs):
+                    if ref in instrs and ref not in seen:
+                        seen.add(ref)
+                        dep = instrs[ref]
+                        called = re.findall(_CALL_RE, dep)
+                        assert not _HEAVY_OPS.search(dep) and not any(c in heavy for c in called), (
+                            f"{name} in {cname} waits for {ref}: {dep[:160]}"
+                        )
+                        stack.append(ref)
+            checked["bwd" if "transpose(" in line else "fwd"] += 1
+    # The forward loop sends K/V; the backward loop sends K/V and the dK/dV accumulator.
+    assert checked == {"fwd": 1, "bwd": 2}, checked
 
 
 @pytest.mark.parametrize("causal", [True, False])
