@@ -17,6 +17,7 @@ number of hops is derived statically from (layout, stripe, window, T_local, n).
 """
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -61,11 +62,21 @@ class _Cfg(NamedTuple):
 
 
 def default_block(t_local: int, cap: int = DEFAULT_BLOCK) -> int:
-    """Largest divisor of t_local that is <= cap (the default chunk size)."""
-    for b in range(min(cap, t_local), 0, -1):
-        if t_local % b == 0:
-            return b
-    return 1
+    """Largest divisor of t_local that is <= cap (the default chunk size).
+
+    Warns when that divisor is below a quarter of min(cap, t_local) (a length with few divisors,
+    e.g. 2 x a prime): tiny chunks make the kernel loop-bound, and the fix is to pad the sequence.
+    """
+    want = min(cap, t_local)
+    block = next(b for b in range(want, 0, -1) if t_local % b == 0)
+    if block < want // 4:
+        warnings.warn(
+            f"ring attention: T_local={t_local} has no divisor between {want // 4} and {want}, so "
+            f"the default chunk is {block} tokens (slow); pad the sequence so that T_local is a "
+            f"multiple of {want}, or pass block_q/block_kv",
+            stacklevel=3,
+        )
+    return block
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -453,13 +464,17 @@ def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, b
                 f"ring.make_mesh([(DATA, 1), (SEQ, n)])), or use blockwise_attention on one device"
             ) from None
     check_layout(layout, stripe, length=n * tl, n=n)
-    block_q = default_block(tl) if block_q is None else block_q
-    block_kv = default_block(tl) if block_kv is None else block_kv
+    # Zigzag shards are two halves far apart: chunks inside one half skip exactly.
+    unit = tl // 2 if layout == "zigzag" and n > 1 else tl
+    if block_q is None or block_kv is None:
+        block = default_block(unit)
+        block_q = block if block_q is None else block_q
+        block_kv = block if block_kv is None else block_kv
     for name, bsz in (("block_q", block_q), ("block_kv", block_kv)):
         if not isinstance(bsz, (int, np.integer)) or bsz < 1 or tl % bsz:
             raise ValueError(
                 f"T_local={tl} is not divisible by {name}={bsz}; pick a divisor of {tl} "
-                f"(or None for the default {default_block(tl)})"
+                f"(or None for the default)"
             )
     hops = num_hops(layout, int(stripe), window, tl, n)
     return _Cfg(
@@ -490,11 +505,11 @@ def ring_attention(
       window: sliding window in tokens: query at p sees keys p-window+1 .. p (needs causal). Hops
         that cannot meet any window are not run nor sent.
       segment_ids: [B, T_local] int; attend only within equal ids. Rows with nothing to see give 0.
-      layout: "contiguous" or "striped" (token i on device (i // stripe) % n; convert global arrays
-        with `ring.layout.to_layout`).
+      layout: "contiguous", "striped" (token i on device (i // stripe) % n) or "zigzag" (device d
+        holds chunks d and 2n-1-d of 2n); convert global arrays with `ring.layout.to_layout`.
       stripe: tokens kept together per device in the striped layout.
-      block_q, block_kv: inner chunk sizes; None picks the largest divisor of T_local <= 256
-        (`DEFAULT_BLOCK`; `ring.plan` can choose them).
+      block_q, block_kv: inner chunk sizes; None picks the largest divisor of T_local (of
+        T_local / 2 for zigzag) <= 256 (`DEFAULT_BLOCK`; `ring.plan` / `ring.tune` can choose them).
 
     Returns:
       [B, T_local, H, D] in q.dtype.

@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 import ringrl.ring.attention as ring_attention_module
 from ringrl.ring import DATA, SEQ, make_mesh
-from ringrl.ring.attention import blockwise_attention, ring_attention
+from ringrl.ring.attention import blockwise_attention, default_block, ring_attention
 from ringrl.ring.layout import from_layout, local_positions, num_hops, to_layout
+from ringrl.ring.plan import chunk_work
 from ringrl.ring.reference import dense_attention
 
 # Fixed default seed (printed on failure); set RING_TEST_SEED=<int> to explore other inputs.
@@ -77,8 +78,8 @@ def _fwd_and_grads(f):
 
 # (n, T, dtype, causal, window, seg, layout, stripe, block_q, block_kv): chosen so that together
 # they cover n in {1,2,4,8}, causal and not, windows shorter and longer than T_local, sorted and
-# arbitrary segment ids, both layouts, stripe 1 and 4, query chunk 1 (the diagonal edge case),
-# f32 and bf16, with one compile each.
+# arbitrary segment ids, all three layouts, stripe 1 and 4, query chunk 1 (the diagonal edge case),
+# zigzag chunks that straddle the two halves of a shard, f32 and bf16, with one compile each.
 CASES = {
     "n1-causal": (1, 32, jnp.float32, True, None, None, "contiguous", 1, 8, 4),
     "n1-full-seg": (1, 32, jnp.float32, False, None, "random", "contiguous", 1, 4, 8),
@@ -91,6 +92,11 @@ CASES = {
     "n8-striped4": (8, 64, jnp.float32, True, None, "sorted", "striped", 4, 4, 4),
     "n2-bf16": (2, 32, jnp.bfloat16, True, None, None, "contiguous", 1, 8, 8),
     "n8-bf16-striped-window": (8, 64, jnp.bfloat16, True, 9, None, "striped", 1, 4, 8),
+    "n4-zigzag": (4, 64, jnp.float32, True, None, None, "zigzag", 1, 4, 4),
+    "n2-zigzag-full-seg": (2, 32, jnp.float32, False, None, "sorted", "zigzag", 1, None, None),
+    "n8-zigzag-window-seg": (8, 64, jnp.float32, True, 6, "random", "zigzag", 1, 4, 2),
+    "n4-zigzag-long-window-straddling": (4, 64, jnp.float32, True, 21, None, "zigzag", 1, 16, 8),
+    "n8-bf16-zigzag-seg": (8, 64, jnp.bfloat16, True, None, "sorted", "zigzag", 1, 2, 4),
 }
 
 
@@ -137,6 +143,17 @@ def test_layout_round_trip_and_positions():
         assert all((int(p) // stripe) % n == d for p in y[0, d * tl : (d + 1) * tl])
     np.testing.assert_array_equal(from_layout(y, n, "striped", stripe), x)
     np.testing.assert_array_equal(to_layout(x, n, "contiguous"), x)
+    # Zigzag, by hand: 2n = 8 chunks of 4; device d holds chunks d and 7 - d.
+    z = to_layout(x, n, "zigzag")
+    chunks = [0, 7, 1, 6, 2, 5, 3, 4]
+    np.testing.assert_array_equal(z[0], np.concatenate([np.arange(4) + 4 * c for c in chunks]))
+    for d in range(n):
+        np.testing.assert_array_equal(
+            z[0, d * tl : (d + 1) * tl], local_positions(d, n, tl, "zigzag")
+        )
+    np.testing.assert_array_equal(from_layout(z, n, "zigzag"), x)
+    with pytest.raises(ValueError, match="length 36 is not a positive multiple of 8"):
+        to_layout(jnp.arange(36)[None], n, "zigzag")
 
 
 def _computations(hlo: str) -> dict[str, str]:
@@ -329,12 +346,16 @@ def test_hop_sends_are_unconditional_and_independent_of_the_hop_compute(hop_coun
     assert checked == {"fwd": 1, "bwd": 2}, checked
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_causal_skips_empty_chunk_pairs(causal):
+@pytest.mark.parametrize(
+    "causal,layout", [(True, "contiguous"), (False, "contiguous"), (True, "zigzag")]
+)
+def test_causal_skips_empty_chunk_pairs(causal, layout):
     """Counts chunk pairs actually computed (test hook) against the non-empty pairs of the mask.
 
     Causal runs forward and backward; the non-causal control (every pair is non-empty) runs the
-    forward only and shows that the counter sees all pairs when nothing may be skipped.
+    forward only and shows that the counter sees all pairs when nothing may be skipped. Zigzag
+    chunks lie inside one half of a shard, so it computes exactly contiguous's pairs, and the
+    planner's model (`ring.plan.chunk_work`) counts the same pairs as the kernel.
     """
     n, t, c = 4, 32, 4
     calls = []
@@ -342,7 +363,7 @@ def test_causal_skips_empty_chunk_pairs(causal):
     q, k, v, w, _ = _inputs(rng, 1, t, 1, 8, jnp.float32, None)
     ring_attention_module._PAIR_HOOK = calls.append
     try:
-        f = _ring_fn(n, causal=causal, block_q=c, block_kv=c)
+        f = _ring_fn(n, layout, causal=causal, block_q=c, block_kv=c)
         jax.block_until_ready(
             _fwd_and_grads(f)(q, k, v, w, None) if causal else jax.jit(f)(q, k, v)
         )
@@ -351,6 +372,7 @@ def test_causal_skips_empty_chunk_pairs(causal):
     chunks = t // c
     # A chunk pair (i, j) of the global sequence has a visible entry iff j <= i (causal).
     want = chunks * (chunks + 1) // 2 if causal else chunks * chunks
+    assert chunk_work(t, n, c, c, causal=causal, layout=layout).sum() == want
     assert calls.count("fwd") == want, (calls.count("fwd"), want)
     assert calls.count("bwd") == (want if causal else 0), (calls.count("bwd"), want)
 
@@ -381,6 +403,12 @@ def test_error_axis_not_in_mesh():
 def test_error_block_not_dividing():
     with pytest.raises(ValueError, match="T_local=8 is not divisible by block_q=3"):
         _sharded_call(2, block_q=3)(X, X, X)
+
+
+def test_default_block_warns_for_lengths_with_few_divisors():
+    assert default_block(2048) == 256 and default_block(96) == 96 and default_block(262) == 131
+    with pytest.warns(UserWarning, match=r"T_local=514 has no divisor between 64 and 256.*pad"):
+        assert default_block(514) == 2
 
 
 def test_error_shape_mismatch():

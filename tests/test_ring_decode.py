@@ -66,6 +66,8 @@ def _decode_all(f, cache, q, k, v, chunk, seg=None):
         (4, "striped", 2, None, 4),
         (8, "contiguous", 1, 5, 2),
         (4, "striped", 1, 3, 1),
+        (8, "zigzag", 1, None, 1),
+        (4, "zigzag", 1, 3, 2),
     ],
 )
 def test_decode_matches_dense_causal(n, layout, stripe, window, chunk):
@@ -119,7 +121,8 @@ def test_decode_segment_ids_and_chunked_kv():
 
 
 def test_position_owner_inverts_local_positions():
-    for n, layout, stripe in [(1, "contiguous", 1), (4, "contiguous", 1), (4, "striped", 3)]:
+    cases = [(1, "contiguous", 1), (4, "contiguous", 1), (4, "striped", 3), (4, "zigzag", 1)]
+    for n, layout, stripe in cases:
         t_max = 24 if stripe == 3 else 16
         tl = t_max // n
         dev, slot = position_owner(np.arange(t_max), tl, n, layout, stripe)
