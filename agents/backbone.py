@@ -28,13 +28,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ringrl.agents.tokens import TokenEmbed, check_tokens
-from ringrl.ring.attention import ring_attention
+from ringrl.ring.attention import RESIDUAL_POLICY, ring_attention
 from ringrl.ring.ffn import blockwise_ffn
 from ringrl.ring.layout import check_layout, from_layout, layout_unit, to_layout
 from ringrl.ring.mesh import DATA, SEQ
 from ringrl.ring.reference import dense_attention
 
 REMAT_POLICIES = {
+    # Keep the ring's output and log-sum-exp; recompute the rest (projections, FFN), so the
+    # backward never walks the ring forward again.
+    "ring_residuals": RESIDUAL_POLICY,
     "none": None,  # no rematerialisation
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -189,7 +192,7 @@ class Backbone(nn.Module):
     mlp_ratio: int = 4
     windows: tuple[int | None, ...] | None = None
     ffn_chunk: int | None = None
-    remat: str = "nothing_saveable"
+    remat: str = "ring_residuals"
     attention: str = "ring"
     layout: str = "zigzag"
     block_q: int | None = None

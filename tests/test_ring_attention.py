@@ -346,6 +346,30 @@ def test_hop_sends_are_unconditional_and_independent_of_the_hop_compute(hop_coun
     assert checked == {"fwd": 1, "bwd": 2}, checked
 
 
+def test_remat_policy_keeps_the_ring_forward():
+    """Under jax.checkpoint, RESIDUAL_POLICY saves the ring's output and lse: the backward makes
+    only its own 2(n-1)+1 permutes, while nothing_saveable walks the forward ring again (n-1 more).
+    Both give the same value and gradient."""
+    rng = np.random.default_rng(SEED)
+    q, _, _, w, _ = _inputs(rng, 1, 64, 2, 8, jnp.float32, None)
+    ring = _ring_fn(8, block_q=4, block_kv=4)
+    results = {}
+    for name, policy in [
+        ("nothing", jax.checkpoint_policies.nothing_saveable),
+        ("residuals", ring_attention_module.RESIDUAL_POLICY),
+    ]:
+        block = jax.checkpoint(lambda x: ring(jnp.tanh(x), 2 * x, x - 1), policy=policy)
+        f = jax.jit(jax.value_and_grad(lambda x, block=block: jnp.sum(block(x) * w)))
+        compiled = f.lower(q).compile()
+        hlo = compiled.as_text()
+        results[name] = (_permute_hops(hlo, "fwd"), _permute_hops(hlo, "bwd"), compiled(q))
+    assert results["residuals"][:2] == (7, 15), results["residuals"][:2]
+    assert results["nothing"][:2] == (7, 22), results["nothing"][:2]
+    (va, ga), (vb, gb) = results["nothing"][2], results["residuals"][2]
+    np.testing.assert_allclose(va, vb, rtol=1e-6)
+    np.testing.assert_allclose(ga, gb, atol=1e-6, err_msg=f"RING_TEST_SEED={SEED}")
+
+
 @pytest.mark.parametrize(
     "causal,layout", [(True, "contiguous"), (False, "contiguous"), (True, "zigzag")]
 )
