@@ -176,62 +176,97 @@ def _slice(x, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+def _pair_loops(lo, hi, ne, full, qseg, cfg: _Cfg):
+    """Per row of chunk pairs: the loops that cover its non-empty range without a per-pair cond.
+
+    Returns a function `run(i, pair, st)` that applies `pair(j, st, masked)` over row i's
+    non-empty pairs. Positions increase within a shard, so under a causal mask (and window) the
+    non-empty pairs of a row form one range [lo, hi) and the fully visible ones a sub-range
+    [flo, fhi): masked pairs (the diagonal, the window's far edge) sit only at its two ends. Those
+    three loops replace a `lax.cond` per pair. Segment ids can make any pair empty: that case keeps
+    a per-pair cond.
+    """
+    if qseg is not None:
+
+        def run_seg(i, pair, st):
+            def body(j, st):
+                return _dispatch(
+                    lambda st, masked=True: pair(j, st, masked), ne[i, j], full[i, j], st, True, cfg
+                )
+
+            return jax.lax.fori_loop(lo[i], hi[i], body, st)
+
+        return run_seg
+    if not cfg.causal:
+
+        def run_full(i, pair, st):
+            return jax.lax.fori_loop(lo[i], hi[i], lambda j, st: pair(j, st, False), st)
+
+        return run_full
+    flo, fhi = _ranges(full)
+    none = ~full.any(-1)
+    flo, fhi = jnp.where(none, hi, flo), jnp.where(none, hi, fhi)
+
+    def run(i, pair, st):
+        st = jax.lax.fori_loop(lo[i], flo[i], lambda j, st: pair(j, st, True), st)
+        st = jax.lax.fori_loop(flo[i], fhi[i], lambda j, st: pair(j, st, False), st)
+        return jax.lax.fori_loop(fhi[i], hi[i], lambda j, st: pair(j, st, True), st)
+
+    return run
+
+
 def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
     """Merges attention of all local queries vs one key/value block into the running (o, lse).
 
-    Arrays stay token-major as given (no whole-shard transposes: they would cost O(T/n) temp
-    memory); only chunk-sized operands are rearranged for the matmuls.
-    q: [B, Tl, H, D]; kv: [2, B, Tl, H, D]; o: [B, Tl, H, D] f32; lse: [B, Tl, H] f32.
+    Head-major throughout (made so once per call), so chunks are contiguous slices and the
+    matmuls need no per-pair transposes.
+    q: [B, H, Tl, D]; kv: [2, B, H, Tl, D]; o: [B, H, Tl, D] f32; lse: [B, H, Tl] f32.
     """
     bq, bk = cfg.block_q, cfg.block_kv
-    nq = q.shape[1] // bq
+    nq = q.shape[2] // bq
     scale = q.shape[-1] ** -0.5
     ne, full = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
     lo, hi = _ranges(ne)
+    run_row = _pair_loops(lo, hi, ne, full, qseg, cfg)
 
     def q_step(a, carry):
         o, lse = carry
-        qc = jnp.swapaxes(_slice(q, a * bq, bq, 1), 1, 2).astype(_F32) * scale  # [B, H, bq, D]
+        qc = _slice(q, a * bq, bq, 2).astype(_F32) * scale  # [B, H, bq, D]
         qp = _slice(qpos, a * bq, bq, 0)
         qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
 
-        def kv_step(c, st):
-            def compute(st, masked=True):
-                acc, m, l = st
-                _count_pair("fwd")
-                kc = _slice(kv[0], c * bk, bk, 1).astype(_F32)  # [B, bk, H, D]
-                vc = _slice(kv[1], c * bk, bk, 1).astype(_F32)
-                s = jnp.einsum("bhqd,bkhd->bhqk", qc, kc)
+        def pair(c, st, masked):
+            acc, m, l = st
+            _count_pair("fwd")
+            kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)  # [B, H, bk, D]
+            vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
+            s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc)
+            mask = None
+            if masked:
                 kp = _slice(kpos, c * bk, bk, 0)
                 ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
-                mask = _pair_mask(qp, kp, qs, ks, cfg) if masked else None
-                if mask is not None:
-                    s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked rows stay 0
-                p = jnp.exp(s - m_safe[..., None])
-                corr = jnp.exp(m - m_safe)
-                l = l * corr + p.sum(-1)
-                acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vc)
-                return acc, m_new, l
-
-            return _dispatch(compute, ne[a, c], full[a, c], st, qseg is not None, cfg)
+                mask = _pair_mask(qp, kp, qs, ks, cfg)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            # Masked pairs may leave a row empty: keep its max at 0 so exp stays 0, never NaN.
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if mask is not None else m_new
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(m - m_safe)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p, vc)
+            return acc, m_new, l
 
         acc0 = _vary_like(jnp.zeros(qc.shape, _F32), qc)
         m0 = _vary_like(jnp.full(qc.shape[:-1], -jnp.inf, _F32), qc)
         l0 = _vary_like(jnp.zeros(qc.shape[:-1], _F32), qc)
-        acc, m, l = jax.lax.fori_loop(lo[a], hi[a], kv_step, (acc0, m0, l0))
+        acc, m, l = run_row(a, pair, (acc0, m0, l0))
         ok = l > 0
         lse_c = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
         o_c = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
-        o_c, lse_c = merge(
-            _slice(o, a * bq, bq, 1),
-            _slice(lse, a * bq, bq, 1),
-            jnp.swapaxes(o_c, 1, 2),
-            jnp.swapaxes(lse_c, 1, 2),
-        )
-        o = jax.lax.dynamic_update_slice_in_dim(o, o_c, a * bq, 1)
-        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, a * bq, 1)
+        o_c, lse_c = merge(_slice(o, a * bq, bq, 2), _slice(lse, a * bq, bq, 2), o_c, lse_c)
+        o = jax.lax.dynamic_update_slice_in_dim(o, o_c, a * bq, 2)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, a * bq, 2)
         return o, lse
 
     def run(carry):
@@ -242,59 +277,57 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
 
 
 def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
-    """Adds one key/value block's contribution to dq and to that block's travelling dk/dv.
+    """Adds one key/value block's contribution to dq and to that block's dk/dv.
 
     FlashAttention-2 backward per chunk pair: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
     dS = P * (dP - D) with D = rowsum(dO * O), dQ += dS K * scale, dK += dS^T Q * scale.
     dK and dV are accumulated transposed (dV^T += dO^T P) so that no product needs the large
     [bq, bk] operand transposed (XLA:CPU copies it otherwise).
 
-    q, do: [B, Tl, H, D]; lse, di: [B, Tl, H] f32; kv: [2, B, Tl, H, D];
-    dkvT: [2, B, H, D, Tl] f32; dq: [B, Tl, H, D] f32.
+    Head-major: q, do: [B, H, Tl, D]; lse, di: [B, H, Tl] f32; kv: [2, B, H, Tl, D];
+    dkvT: [2, B, H, D, Tl] f32; dq: [B, H, Tl, D] f32.
     """
     bq, bk = cfg.block_q, cfg.block_kv
-    nk = kv.shape[2] // bk
+    nk = kv.shape[3] // bk
     scale = q.shape[-1] ** -0.5
     ne, full = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
     lo, hi = _ranges(ne.T)
+    run_col = _pair_loops(lo, hi, ne.T, full.T, qseg, cfg)
 
     def kv_step(c, carry):
         dkvT, dq = carry
-        kc = jnp.swapaxes(_slice(kv[0], c * bk, bk, 1), 1, 2).astype(_F32)  # [B, H, bk, D]
-        vc = jnp.swapaxes(_slice(kv[1], c * bk, bk, 1), 1, 2).astype(_F32)
+        kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)  # [B, H, bk, D]
+        vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
         kp = _slice(kpos, c * bk, bk, 0)
         ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
         dkv_c = _slice(dkvT, c * bk, bk, 4)  # [2, B, H, D, bk]
 
-        def q_step(a, st):
-            def compute(st, masked=True):
-                dkv_c, dq = st
-                _count_pair("bwd")
-                qc = _slice(q, a * bq, bq, 1).astype(_F32)  # [B, bq, H, D]
-                doc = _slice(do, a * bq, bq, 1).astype(_F32)
-                lse_c = jnp.swapaxes(_slice(lse, a * bq, bq, 1), 1, 2)  # [B, H, bq]
-                # Rows that see no key at all have lse = -inf; +inf makes their P exactly 0.
-                lse_c = jnp.where(jnp.isfinite(lse_c), lse_c, jnp.inf)
-                di_c = jnp.swapaxes(_slice(di, a * bq, bq, 1), 1, 2)
+        def pair(a, st, masked):
+            dkv_c, dq = st
+            _count_pair("bwd")
+            qc = _slice(q, a * bq, bq, 2).astype(_F32)  # [B, H, bq, D]
+            doc = _slice(do, a * bq, bq, 2).astype(_F32)
+            lse_c = _slice(lse, a * bq, bq, 2)  # [B, H, bq]
+            di_c = _slice(di, a * bq, bq, 2)
+            s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc) * scale
+            mask = None
+            if masked:
                 qp = _slice(qpos, a * bq, bq, 0)
                 qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
-                s = jnp.einsum("bqhd,bhkd->bhqk", qc, kc) * scale
-                mask = _pair_mask(qp, kp, qs, ks, cfg) if masked else None
-                if mask is not None:
-                    s = jnp.where(mask, s, -jnp.inf)
-                p = jnp.exp(s - lse_c[..., None])
-                dvT = jnp.einsum("bqhd,bhqk->bhdk", doc, p)
-                dp = jnp.einsum("bqhd,bhkd->bhqk", doc, vc)
-                ds = p * (dp - di_c[..., None])
-                dq_c = jnp.einsum("bhqk,bhkd->bqhd", ds, kc) * scale
-                dq_c = _slice(dq, a * bq, bq, 1) + dq_c
-                dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, a * bq, 1)
-                dkT = jnp.einsum("bqhd,bhqk->bhdk", qc, ds) * scale
-                return dkv_c + jnp.stack([dkT, dvT]), dq
+                mask = _pair_mask(qp, kp, qs, ks, cfg)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            p = jnp.exp(s - lse_c[..., None])
+            dvT = jnp.einsum("bhqd,bhqk->bhdk", doc, p)
+            dp = jnp.einsum("bhqd,bhkd->bhqk", doc, vc)
+            ds = p * (dp - di_c[..., None])
+            dq_c = jnp.einsum("bhqk,bhkd->bhqd", ds, kc) * scale
+            dq_c = _slice(dq, a * bq, bq, 2) + dq_c
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, a * bq, 2)
+            dkT = jnp.einsum("bhqd,bhqk->bhdk", qc, ds) * scale
+            return dkv_c + jnp.stack([dkT, dvT]), dq
 
-            return _dispatch(compute, ne[a, c], full[a, c], st, qseg is not None, cfg)
-
-        dkv_c, dq = jax.lax.fori_loop(lo[c], hi[c], q_step, (dkv_c, dq))
+        dkv_c, dq = run_col(c, pair, (dkv_c, dq))
         dkvT = jax.lax.dynamic_update_slice_in_dim(dkvT, dkv_c, c * bk, 4)
         return dkvT, dq
 
@@ -330,22 +363,24 @@ def _loop(body, lo: int, hi: int, state):
 
 
 def _forward(q, k, v, seg, cfg: _Cfg):
-    """Returns (out [B, Tl, H, D] in q.dtype, lse [B, Tl, H] f32).
+    """Returns (out [B, Tl, H, D] in q.dtype, lse [B, H, Tl] f32).
 
-    Hops 0 .. hops-2 run in a loop whose K/V send is unconditional and reads only the loop carry,
-    so it does not wait for (and can run under) that hop's block computation; the last hop is
-    peeled off and sends nothing.
+    The shard is made head-major once per call (q, and the K/V block that travels), so every
+    chunk is a contiguous slice. Hops 0 .. hops-2 run in a loop whose K/V send is unconditional
+    and reads only the loop carry, so it does not wait for (and can run under) that hop's block
+    computation; the last hop is peeled off and sends nothing.
     """
     idx = _device_index(cfg)
     tl = q.shape[1]
-    kv = jnp.stack([k, v])  # one array travels: one collective per hop
+    qh = jnp.swapaxes(q, 1, 2)  # [B, H, Tl, D]
+    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)  # [2, B, H, Tl, D]: one array, one collective
     qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
-    o = _vary_like(jnp.zeros(q.shape, _F32), q)
-    lse = _vary_like(jnp.full(q.shape[:-1], -jnp.inf, _F32), q)
+    o = _vary_like(jnp.zeros(qh.shape, _F32), q)
+    lse = _vary_like(jnp.full(qh.shape[:-1], -jnp.inf, _F32), q)
 
     def hop(h, o, lse, kv, kseg):
         kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
-        return _fwd_hop(q, kv, qpos, kpos, seg, kseg, o, lse, cfg)
+        return _fwd_hop(qh, kv, qpos, kpos, seg, kseg, o, lse, cfg)
 
     def body(h, state):
         o, lse, kv, kseg = state
@@ -355,7 +390,7 @@ def _forward(q, k, v, seg, cfg: _Cfg):
 
     o, lse, kv, kseg = _loop(body, 0, cfg.hops - 1, (o, lse, kv, seg))
     o, lse = hop(cfg.hops - 1, o, lse, kv, kseg)
-    return o.astype(q.dtype), lse
+    return jnp.swapaxes(o, 1, 2).astype(q.dtype), lse
 
 
 def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
@@ -368,17 +403,18 @@ def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
     """
     idx = _device_index(cfg)
     b, tl, h, d = q.shape
-    # D_i = rowsum(dO * O), from the output as returned (FlashAttention-2).
-    di = jnp.einsum("bthd,bthd->bth", g.astype(_F32), out.astype(_F32))
-    kv = jnp.stack([k, v])
+    # D_i = rowsum(dO * O), from the output as returned (FlashAttention-2); head-major like lse.
+    di = jnp.einsum("bthd,bthd->bht", g.astype(_F32), out.astype(_F32))
+    qh, gh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(g, 1, 2)  # [B, H, Tl, D]
+    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)
     qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
-    dq = _vary_like(jnp.zeros(q.shape, _F32), q)
+    dq = _vary_like(jnp.zeros(qh.shape, _F32), q)
 
     def hop(hop_index, kv, kseg, dq):
         """This device's partial dK/dV^T [2, B, H, D, Tl] of the block it holds, and dq."""
         kpos = local_positions((idx - hop_index) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
         zero = _vary_like(jnp.zeros((2, b, h, d, tl), _F32), q)
-        return _bwd_hop(q, g, lse, di, kv, qpos, kpos, seg, kseg, zero, dq, cfg)
+        return _bwd_hop(qh, gh, lse, di, kv, qpos, kpos, seg, kseg, zero, dq, cfg)
 
     dkvT, dq = hop(0, kv, seg, dq)
     if cfg.hops == 1:
@@ -404,6 +440,7 @@ def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
 
 
 def _finish_backward(q, k, v, dq, dkvT):
+    dq = jnp.swapaxes(dq, 1, 2)  # [B, Tl, H, D]
     dk = jnp.transpose(dkvT[0], (0, 3, 1, 2)).astype(k.dtype)  # [B, Tl, H, D]
     dv = jnp.transpose(dkvT[1], (0, 3, 1, 2)).astype(v.dtype)
     return dq.astype(q.dtype), dk, dv
