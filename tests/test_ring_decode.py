@@ -1,6 +1,7 @@
 """Sharded KV-cache decoding (ring/decode.py) against dense causal attention over the prefix."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -171,3 +172,14 @@ def test_bad_inputs_raise_clear_errors():
             in_specs=(decode.cache_specs(local), P(DATA)),
             out_specs=P(DATA),
         )(local, q)
+
+
+def test_decode_merges_with_one_collective():
+    """The per-device partials (o, lse) are merged with a single all_gather, no all-reduce."""
+    mesh = _mesh(4)
+    cache = decode.init_cache(B, T, H, D, mesh=mesh)
+    f, _ = _stepper(mesh, cache)
+    q, k, v = _qkv(seed=5)
+    hlo = f.lower(cache, q[:, :1], k[:, :1], v[:, :1], None).compile().as_text()
+    ops = re.findall(r" (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(", hlo)
+    assert ops == ["all-gather"], ops
