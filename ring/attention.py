@@ -27,9 +27,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ringrl.ring.layout import check_layout, local_positions, num_hops
 from ringrl.ring.mesh import SEQ
+from ringrl.ring.pallas import flash_hop
 from ringrl.ring.softmax import merge
 
 _F32 = jnp.float32
+# Per-hop forward kernels: "xla" (blockwise jnp, any backend; the CPU path), "pallas" (the fused
+# Pallas flash kernel of ring.pallas, compiled for GPU/TPU), "pallas_interpret" (that kernel in
+# Pallas interpret mode, for CPU tests). The backward is the blockwise XLA kernel in every case.
+IMPLS = ("xla", "pallas", "pallas_interpret")
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Default inner chunk (block_q = block_kv). On the 2-core CPU machines of this project 256 beat 512
 # in both time and memory for H=4, D=64 (T=16384 on 8 devices, fwd+bwd: 9.5 s vs 11.4 s CPU time,
@@ -66,6 +71,7 @@ class _Cfg(NamedTuple):
     block_q: int
     block_kv: int
     hops: int  # ring hops actually computed (<= n); hops - 1 sends in the forward pass
+    impl: str = "xla"  # per-hop forward kernel: one of IMPLS
 
 
 def default_block(t_local: int, cap: int = DEFAULT_BLOCK) -> int:
@@ -226,6 +232,11 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
     nq = q.shape[2] // bq
     scale = q.shape[-1] ** -0.5
     ne, full = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
+    if cfg.impl != "xla":
+        fused = functools.partial(_fused_fwd_hop, cfg=cfg)
+        return jax.lax.cond(
+            ne.any(), fused, lambda c, *_: c, (o, lse), q, kv, qpos, kpos, qseg, kseg
+        )
     lo, hi = _ranges(ne)
     run_row = _pair_loops(lo, hi, ne, full, qseg, cfg)
 
@@ -274,6 +285,25 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
 
     # A hop with no visible pair at all (e.g. a future block in causal contiguous) costs nothing.
     return jax.lax.cond(ne.any(), run, lambda c: c, (o, lse))
+
+
+def _fused_fwd_hop(carry, q, kv, qpos, kpos, qseg, kseg, cfg: _Cfg):
+    """The Pallas kernel's (o, lse) of this hop, merged into the running (o, lse)."""
+    o_h, lse_h = flash_hop(
+        q,
+        kv[0],
+        kv[1],
+        qpos,
+        kpos,
+        qseg,
+        kseg,
+        causal=cfg.causal,
+        window=cfg.window,
+        block_q=cfg.block_q,
+        block_kv=cfg.block_kv,
+        interpret=cfg.impl == "pallas_interpret",
+    )
+    return merge(*carry, o_h, lse_h)
 
 
 def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
@@ -469,8 +499,12 @@ def _attention_bwd(cfg: _Cfg, res, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv):
+def _make_cfg(
+    q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv, impl
+):
     """Validates the arguments (before any tracing work) and builds the static config."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; use one of {IMPLS}")
     check_layout(layout, stripe)  # the name first; the length once the ring size is known
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
@@ -526,8 +560,9 @@ def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, b
             )
     hops = num_hops(layout, int(stripe), window, tl, n)
     return _Cfg(
-        axis_name, n, bool(causal), window, layout, int(stripe), int(block_q), int(block_kv), hops
-    )
+        axis_name, n, bool(causal), window, layout, int(stripe), int(block_q), int(block_kv), hops,
+        impl,
+    )  # fmt: skip
 
 
 def ring_attention(
@@ -543,6 +578,7 @@ def ring_attention(
     stripe: int = 1,
     block_q: int | None = None,
     block_kv: int | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """Exact attention over the whole ring; call per shard inside `jax.shard_map` over `axis_name`.
 
@@ -558,6 +594,9 @@ def ring_attention(
       stripe: tokens kept together per device in the striped layout.
       block_q, block_kv: inner chunk sizes; None picks the largest divisor of T_local (of
         T_local / 2 for zigzag) <= 256 (`DEFAULT_BLOCK`; `ring.plan` / `ring.tune` can choose them).
+      impl: per-hop forward kernel, one of IMPLS: "xla" (default, any backend), "pallas" (fused
+        flash kernel for GPU/TPU: bf16 operands, f32 accumulation and statistics) or
+        "pallas_interpret" (the same kernel interpreted, for CPU tests).
 
     Returns:
       [B, T_local, H, D] in q.dtype.
@@ -567,7 +606,7 @@ def ring_attention(
         bad segment_ids, unknown layout.
     """
     cfg = _make_cfg(
-        q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv
+        q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv, impl
     )
     return _attention(q, k, v, segment_ids, cfg)
 
@@ -582,10 +621,13 @@ def blockwise_attention(
     segment_ids: jax.Array | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """Single-device blockwise attention: `ring_attention`'s kernel on a ring of one device.
 
     Args and returns as `ring_attention` on full [B, T, H, D] arrays (no mesh axis needed).
     """
-    cfg = _make_cfg(q, k, v, segment_ids, None, causal, window, "contiguous", 1, block_q, block_kv)
+    cfg = _make_cfg(
+        q, k, v, segment_ids, None, causal, window, "contiguous", 1, block_q, block_kv, impl
+    )
     return _attention(q, k, v, segment_ids, cfg)
