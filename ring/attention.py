@@ -11,9 +11,16 @@ dK/dV with K/V (FlashAttention-2 backward per chunk pair from the saved output a
 no device ever holds more than its own shard plus one block in flight: memory O(T / n).
 
 Chunk pairs whose mask is empty (above the causal diagonal, outside the window, disjoint segment id
-ranges) are skipped with data-dependent loop bounds and `lax.cond`, never computed and masked.
+ranges) are skipped with data-dependent loop bounds, never computed and masked; only the pairs on a
+mask edge (the diagonal, the window's far end) pay for the mask, with no per-pair `lax.cond`
+except where segment ids make emptiness arbitrary. The shard is made head-major once per call.
 With a sliding window, hops whose blocks cannot meet any window are neither computed nor sent: the
 number of hops is derived statically from (layout, stripe, window, T_local, n).
+
+Overlap: every send in the hop loop is unconditional and reads only the loop carry (the last hop
+is peeled off), and the backward adds the arriving dK/dV only after the hop's own partial is
+computed, so XLA's latency-hiding scheduler may run each permute under the hop's compute.
+`impl` picks the per-hop forward kernel (`IMPLS`; "pallas" is the fused kernel of `ring.pallas`).
 """
 
 import functools
@@ -164,20 +171,6 @@ def _pair_mask(qp, kp, qs, ks, cfg: _Cfg):
     return mask
 
 
-def _dispatch(compute, nonempty, full, st, has_seg: bool, cfg: _Cfg):
-    """Runs one chunk pair inside the [lo, hi) range of possibly non-empty pairs.
-
-    Without segment ids the range holds only non-empty pairs; pairs entirely below the diagonal
-    (and inside the window) skip the mask arithmetic. With segment ids the range may contain
-    empty pairs (id ranges that do not overlap), skipped here.
-    """
-    if has_seg:
-        return jax.lax.cond(nonempty, compute, lambda st: st, st)
-    if not cfg.causal:  # no position mask at all
-        return compute(st, masked=False)
-    return jax.lax.cond(full, lambda st: compute(st, masked=False), compute, st)
-
-
 def _slice(x, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
@@ -195,10 +188,8 @@ def _pair_loops(lo, hi, ne, full, qseg, cfg: _Cfg):
     if qseg is not None:
 
         def run_seg(i, pair, st):
-            def body(j, st):
-                return _dispatch(
-                    lambda st, masked=True: pair(j, st, masked), ne[i, j], full[i, j], st, True, cfg
-                )
+            def body(j, st):  # the segment mask applies even to positionally full pairs
+                return jax.lax.cond(ne[i, j], lambda st: pair(j, st, True), lambda st: st, st)
 
             return jax.lax.fori_loop(lo[i], hi[i], body, st)
 
