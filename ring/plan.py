@@ -121,17 +121,19 @@ def memory_model(
 ) -> dict[str, int]:
     """Inventory of the kernel's live buffers at its peak, per device (bytes).
 
-    Forward: local q/k/v and the output; the stacked K/V block travelling round the ring plus the
-    one arriving (ppermute writes a new buffer); the f32 output accumulator and log-sum-exp; per
-    chunk pair the f32 score and probability matrices [B, H, bq, bkv] and the f32 q/k/v/accumulator
-    chunks. Backward (the peak of training): the inputs and residuals (output, lse), the incoming
-    gradient, rowsum(dO*O), travelling K/V plus the arriving copy, the f32 dQ accumulator, the
-    travelling f32 dK/dV plus the arriving copy, the returned dq/dk/dv, and per chunk pair four f32
-    matrices (S, P, dP, dS). The kernel works token-major, so no whole-shard transposes.
+    Forward: local q/k/v and the output; the head-major copy of q the kernel makes once per call;
+    the stacked K/V block travelling round the ring plus the one arriving (ppermute writes a new
+    buffer); the f32 output accumulator and log-sum-exp; per chunk pair the f32 score and
+    probability matrices [B, H, bq, bkv] and the f32 q/k/v/accumulator chunks. Backward (the peak
+    of training): the inputs and residuals (output, lse), the incoming gradient, rowsum(dO*O), the
+    head-major copies of q and dO, travelling K/V plus the arriving copy, the f32 dQ accumulator,
+    the travelling f32 dK/dV plus the arriving copy, the hop's own f32 dK/dV partial (the
+    pipelined backward adds the arriving accumulator after computing it), the returned dq/dk/dv,
+    and per chunk pair four f32 matrices (S, P, dP, dS).
 
-    XLA fuses some of these: compiled memory (arguments + outputs + temporaries) measured 0.65-0.9x
-    this inventory for forward+backward and 0.8-1.2x for the forward pass on CPU (f32 and bf16,
-    B 1-2, chunks 64-512); tests/test_ring_plan.py holds it to 0.6-1.3x.
+    XLA fuses some of these: compiled memory (arguments + outputs + temporaries) measured
+    0.73-0.97x this inventory for forward+backward and 0.9-1.23x for the forward pass on CPU
+    (f32 and bf16, chunks 128-512, n 4-8); tests/test_ring_plan.py holds it to 0.6-1.3x.
     """
     b = jnp.dtype(dtype).itemsize
     e = batch * t_local * num_heads * head_dim  # elements of one local [B, Tl, H, D] array
@@ -143,6 +145,7 @@ def memory_model(
         return {
             "inputs q,k,v": 3 * e * b,
             "output": e * b,
+            "head-major q": e * b,
             "K/V travelling + arriving": 4 * e * b,
             "f32 output accumulator": 4 * e,
             "f32 lse": 4 * s,
@@ -156,7 +159,9 @@ def memory_model(
         "incoming gradient dO": e * b,
         "K/V travelling + arriving": 4 * e * b,
         "f32 dQ accumulator": 4 * e,
+        "head-major q, dO": 2 * e * b,
         "f32 dK/dV travelling + arriving": 4 * 4 * e,
+        "f32 dK/dV partial of the hop": 2 * 4 * e,
         "returned dq, dk, dv": 3 * e * b,
         "f32 chunk S, P, dP, dS": 4 * 4 * c,
         "f32 chunk q/dO/k/v": 4 * (2 * qc + 2 * kc),
