@@ -8,10 +8,11 @@ batch and calls `ring.attention.ring_attention` over the `seq` axis, so it must 
 `jax.shard_map`. The wrapping happens in one place, `shard_apply`, used by `forward` (predictions)
 and `loss` (the training objective); on a 1 x 1 mesh the same code runs on one device.
 
-Layout: the striped layout keeps whole timesteps together (stripe = k tokens per step): the global
-step arrays are permuted once at the model boundary (`ring.layout.to_layout` over steps, stripe 1),
-each shard then interleaves its own steps into tokens, and ring attention is told
-`layout="striped", stripe=k` so its masks use original token positions.
+Layout: the global step arrays are permuted once at the model boundary (`ring.layout.to_layout`
+over steps, stripe 1) and each shard interleaves its own steps into tokens. A zigzag chunk of steps
+is a zigzag chunk of tokens, so ring attention is told `layout="zigzag"`; the striped layout keeps
+whole timesteps together and is told `layout="striped", stripe=k` (k tokens per step). Either way
+its masks use original token positions.
 
 Padding: steps with `mask = False` get segment id 0 and real steps segment id 1, so real tokens
 never attend to padding (and padding only to padding), exactly what the cached actor sees.
@@ -29,13 +30,16 @@ from jax.sharding import PartitionSpec as P
 from ringrl.agents.batch import KEYS as BATCH_KEYS
 from ringrl.agents.batch import zeros as zero_batch
 from ringrl.agents.tokens import TokenEmbed, check_tokens
-from ringrl.ring.attention import ring_attention
+from ringrl.ring.attention import RESIDUAL_POLICY, ring_attention
 from ringrl.ring.ffn import blockwise_ffn
-from ringrl.ring.layout import check_layout, from_layout, to_layout
+from ringrl.ring.layout import check_layout, from_layout, layout_unit, to_layout
 from ringrl.ring.mesh import DATA, SEQ
 from ringrl.ring.reference import dense_attention
 
 REMAT_POLICIES = {
+    # Keep the ring's output and log-sum-exp; recompute the rest (projections, FFN), so the
+    # backward never walks the ring forward again.
+    "ring_residuals": RESIDUAL_POLICY,
     "none": None,  # no rematerialisation
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -159,7 +163,8 @@ class Backbone(nn.Module):
       ffn_chunk: tokens per blockwise-FFN chunk (None: whole shard).
       remat: name in REMAT_POLICIES ("none" disables jax.checkpoint).
       attention: "ring" or "dense" (single-device baseline).
-      layout: "contiguous" or "striped" (stripe = tokens per step).
+      layout: "zigzag" (default: balanced causal work with no extra masked pairs), "contiguous"
+        or "striped" (stripe = tokens per step).
       block_q, block_kv: ring attention inner blocks (None: its default).
       max_timestep: timestep-embedding rows (timesteps must be < this).
       max_trajectories: trajectory-index rows (context slots / attempts must be < this).
@@ -175,9 +180,9 @@ class Backbone(nn.Module):
     mlp_ratio: int = 4
     windows: tuple[int | None, ...] | None = None
     ffn_chunk: int | None = None
-    remat: str = "nothing_saveable"
+    remat: str = "ring_residuals"
     attention: str = "ring"
-    layout: str = "contiguous"
+    layout: str = "zigzag"
     block_q: int | None = None
     block_kv: int | None = None
     max_timestep: int = 1024
@@ -296,10 +301,12 @@ def check_batch(model: Backbone, batch: dict[str, Any], mesh: jax.sharding.Mesh)
     b, t = batch["mask"].shape[:2]
     if b % n_data:
         raise ValueError(f"batch size {b} is not divisible by mesh axis {DATA!r} size {n_data}")
-    if t % n_seq:
+    if t % layout_unit(n_seq, model.layout):
+        unit = layout_unit(n_seq, model.layout)
         raise ValueError(
-            f"context of {t} steps is not divisible by mesh axis {SEQ!r} size {n_seq}; "
-            "choose num_trajectories * horizon (or the DT window) divisible by it"
+            f"context of {t} steps is not divisible by mesh axis {SEQ!r} size {n_seq} x "
+            f"{unit // n_seq} = {unit} (layout {model.layout!r}); choose num_trajectories * "
+            "horizon (or the DT window) divisible by it"
         )
     if model.attention == "dense" and n_seq != 1:
         raise ValueError(f"attention='dense' needs mesh axis {SEQ!r} of size 1, got {n_seq}")

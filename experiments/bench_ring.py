@@ -1,24 +1,33 @@
 r"""Ring attention benchmark: ours vs dense vs the authors' `ringattention`, one table, one run.
 
-  python -m ringrl.experiments.bench_ring            # full run (~15-25 min on 2 CPU cores)
-  python -m ringrl.experiments.bench_ring --quick    # smoke run with small T (~1-2 min)
+  python -m ringrl.experiments.bench_ring            # full run (~20-30 min on 2 CPU cores)
+  python -m ringrl.experiments.bench_ring --quick    # smoke run with small T (~2 min)
 
 8 virtual CPU devices (XLA_FLAGS set before jax is imported), causal, B=1 H=4 D=64 float32.
-For T in {4096, 16384} (forward + backward) and 65536 (forward only) every row reports the median
-forward and forward+backward wall time, the per-device temporary memory of the compiled program
-(`compile().memory_analysis().temp_size_in_bytes`), and the max abs error against a reference:
-`ring.reference.dense_attention` where it fits (outputs and dq/dk/dv), otherwise a query-chunked
-exact forward reference (outputs only; at T > 16384 on the first 512 and last 2048 query rows).
+For T in {4096, 16384} (forward + backward) and 65536 (forward only; skipped with --no-long) every
+row reports the median forward and forward+backward wall time, the useful causal GFLOP/s of
+forward+backward and its share of the machine's matmul peak, the per-device temporary memory of
+the compiled program, and the max abs error against a reference (`ring.reference.dense_attention`
+where it fits, else a query-chunked exact forward reference).
 
-Rows: dense (`jax.nn.dot_product_attention` on one device; compiled for its memory, run only when
-it fits in --dense-limit-gb), ours contiguous, ours striped, ours sliding window (w=1024), and the
-authors' package (`pip install ringattention einops --no-deps`, the pyproject `bench` extra) at our
-chunk size and at 256 and 512. A compile-only row gives per-device memory of forward+backward at
-T = 1,048,576. The last line gives ours/authors ratios (time vs the authors' fastest chunk size in
-the same run, memory vs the authors at the same chunk size).
+Timing: every executable is compiled first; then `--repeats` rounds run every row once each, in
+turn (interleaved), and the medians are reported, so a load change on a shared machine hits all
+rows alike and the ratios measured in one run stay fair. The load average is printed with them.
+
+Useful FLOPs (FlashAttention-2 convention): 2 matmuls forward and 5 backward (QK^T recomputed,
+dV, dP, dQ, dK), each 2 B H D FLOPs per visible (query, key) pair; masked or skipped pairs do not
+count. The peak is measured here: the best of a [2048, 2048] f32 matmul on one device and one per
+device on all 8 at once.
+
+Rows: dense (`jax.nn.dot_product_attention` on one device; run only when it fits in
+--dense-limit-gb), ours contiguous / striped / zigzag, ours sliding window (w=1024, zigzag), and
+the authors' package (`pip install -e '.[bench]'`) at chunk 256 and 512. A compile-only row gives
+per-device memory at T = 1,048,576. The last lines give the planner's work model per layout
+(total and critical path in full block pairs) and ours/authors time ratios (vs the authors'
+fastest chunk in the same run).
 
 The 8 virtual devices share the machine's cores, so wall time measures total work, not the
-parallel critical path: load balance is reported from ring.plan's exact chunk-work model.
+parallel critical path: balance is read from the work model.
 """
 
 import os
@@ -44,7 +53,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from ringrl.ring.attention import ring_attention  # noqa: E402
 from ringrl.ring.layout import from_layout, to_layout  # noqa: E402
 from ringrl.ring.mesh import SEQ, make_mesh  # noqa: E402
-from ringrl.ring.plan import imbalance_factor  # noqa: E402
+from ringrl.ring.plan import layout_work, useful_pairs  # noqa: E402
 from ringrl.ring.reference import dense_attention  # noqa: E402
 
 B, H, D = 1, 4, 64
@@ -111,16 +120,53 @@ def chunked_reference(q, k, v, window, rows, chunk=512):
     return np.concatenate([np.asarray(one(qj, kj, vj, int(s))) for s in starts], axis=1)
 
 
-def timed(fn, args, repeats: int, warmup: int):
-    """(median wall time over `repeats` runs, runs, last result) of `fn(*args)` (compiled)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), len(times), result
+def seconds(fn, args) -> tuple[float, object]:
+    """Wall time and result of one call of a compiled `fn(*args)`."""
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start, result
+
+
+def causal_flops(t: int, train: bool, window: int | None = None) -> float:
+    """Useful FLOPs of causal attention on [B, t, H, D]: 2 (+5 bwd) matmuls per visible pair."""
+    matmuls = 2 + (5 if train else 0)
+    return matmuls * 2 * B * H * D * useful_pairs(t, window=window)
+
+
+def matmul_peak(mesh, size: int = 2048, repeats: int = 5) -> float:
+    """Best f32 matmul FLOP/s of this machine: one device alone, or all mesh devices at once."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size)).astype(np.float32)
+    one = jax.jit(lambda x: x @ x)
+    xs = jax.device_put(a, mesh.devices.flat[0])
+    n = mesh.devices.size
+    many = jax.jit(
+        jax.shard_map(lambda x: x[0] @ x[0], mesh=mesh, in_specs=P(SEQ), out_specs=P(SEQ)),
+    )
+    xm = jax.device_put(np.stack([a] * n), NamedSharding(mesh, P(SEQ)))
+    best = 0.0
+    for fn, x, count in ((one, xs, 1), (many, xm, n)):
+        jax.block_until_ready(fn(x))
+        t = min(seconds(fn, (x,))[0] for _ in range(repeats))
+        best = max(best, count * 2 * size**3 / t)
+    return best
+
+
+def work_lines(ts, n: int, block: int) -> list[str]:
+    """The planner's work model per layout: total and critical path in full block pairs."""
+    lines = []
+    for t in ts:
+        b = min(block, t // n // 2)
+        ideal = useful_pairs(t) / n / (t // n) ** 2
+        parts = []
+        for layout in ("contiguous", "striped", "zigzag"):
+            total, critical = layout_work(t, n, b, b, layout=layout)
+            parts.append(f"{layout} {total:.2f} / {critical:.2f}")
+        lines.append(
+            f"work model at T={t}, chunk {b} (ring.plan.layout_work, total / critical path in "
+            f"{t // n}x{t // n} block pairs; ideal critical {ideal:.2f}): " + ", ".join(parts)
+        )
+    return lines
 
 
 def compile_pair(attn, x_spec, sharding, cot):
@@ -147,21 +193,21 @@ def temp_mb(compiled) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small T smoke run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
-    parser.add_argument(
-        "--repeats-long", type=int, default=1, help="timed runs per cell at T >= 65536"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds")
     parser.add_argument("--block", type=int, default=256, help="our block_q = block_kv")
     parser.add_argument(
         "--dense-limit-gb", type=float, default=4.0, help="run dense only if its temp fits"
     )
     parser.add_argument("--no-authors", action="store_true", help="skip the authors' package")
+    parser.add_argument("--no-long", action="store_true", help="skip T=65536 and the 1M compile")
     args = parser.parse_args(argv)
 
     if args.quick:
         train_ts, fwd_only_ts, huge_t = (1024, 2048), (4096,), 65536
     else:
         train_ts, fwd_only_ts, huge_t = (4096, 16384), (65536,), 1 << 20
+    if args.no_long:
+        fwd_only_ts, huge_t = (), None
     devices = jax.devices("cpu")
     if len(devices) < N_DEV:
         raise SystemExit(f"need {N_DEV} CPU devices, have {len(devices)}; set XLA_FLAGS={_FLAG}")
@@ -174,6 +220,8 @@ def main(argv=None) -> None:
         f"jax {jax.__version__}, {N_DEV} virtual CPU devices on {os.cpu_count()} cores, "
         f"repeats={args.repeats}"
     )
+    peak = matmul_peak(mesh)
+    log(f"matmul peak {peak / 1e9:.1f} GFLOP/s f32")
 
     def ours(layout, window=None, block=args.block):
         def f(q, k, v):
@@ -193,14 +241,13 @@ def main(argv=None) -> None:
         )
 
     rows = []  # dicts, printed at the end
-
+    loads = []
     for t in (*train_ts, *fwd_only_ts):
         train = t in train_ts
         rng = np.random.default_rng(t)
         q, k, v, ct = (rng.standard_normal((B, t, H, D)).astype(np.float32) for _ in range(4))
         x_spec = jax.ShapeDtypeStruct((B, t, H, D), jnp.float32)
         dense_fits = 5 * B * H * t * t * 4 / 1e9 <= args.dense_limit_gb
-        # References: the dense oracle where it fits, else chunked exact forward on some rows.
         ref = {}
         if dense_fits:
             log(f"T={t}: dense reference")
@@ -218,20 +265,22 @@ def main(argv=None) -> None:
                 ref[w] = (chunked_reference(q, k, v, w, check_rows), None)
 
         tl = t // N_DEV
-        block = min(args.block, tl)
-        author_chunks = sorted(c for c in {block, 256, 512} if tl % c == 0) if authors else []
-        cases = [("dense (1 device)", "dense", None, "-")]
+        block = min(args.block, tl // 2)
+        author_chunks = sorted(c for c in {256, 512} if tl % c == 0) if authors else []
+        cases = [("dense (1 device)", "dense", None, "-", "contiguous")]
         cases += [
-            ("ours contiguous", ours("contiguous", block=block), None, block),
-            ("ours striped", ours("striped", block=block), None, block),
-            (f"ours window={WINDOW}", ours("contiguous", WINDOW, block=block), WINDOW, block),
+            (f"ours {lay}", ours(lay, block=block), None, block, lay)
+            for lay in ("contiguous", "striped", "zigzag")
         ]
-        cases += [(f"authors chunk={c}", theirs(c), None, c) for c in author_chunks]
+        window_row = f"ours zigzag window={WINDOW}"
+        cases += [(window_row, ours("zigzag", WINDOW, block), WINDOW, block, "zigzag")]
+        cases += [(f"authors chunk={c}", theirs(c), None, c, "contiguous") for c in author_chunks]
 
-        for name, attn, window, chunk in cases:
-            row = dict(t=t, name=name, chunk=chunk, train=train)
+        runnable = []  # (row, compiled fwd, compiled fwd+bwd, inputs, layout, window)
+        for name, attn, window, chunk, layout in cases:
+            row = dict(t=t, name=name, chunk=chunk, train=train, window=window, fwd=[], bwd=[])
             rows.append(row)
-            layout = "striped" if "striped" in name else "contiguous"
+            log(f"T={t} {name}: compile")
             if attn == "dense":
                 dense = lambda a, b, c: jax.nn.dot_product_attention(a, b, c, is_causal=True)
                 c_fwd, c_bwd = compile_pair(dense, x_spec, one_sh, train)
@@ -242,122 +291,120 @@ def main(argv=None) -> None:
             row["fwd_mb"] = temp_mb(c_fwd)
             row["bwd_mb"] = temp_mb(c_bwd) if train else None
             if attn == "dense" and not dense_fits:
-                log(f"T={t} {name}: compiled only (temp {row['fwd_mb']:.0f} MB), not run")
                 continue
             inputs = [
                 jax.device_put(to_layout(jnp.asarray(a), N_DEV, layout) if sh is ring_sh else a, sh)
                 for a in (q, k, v, ct)
             ]
-            # Executables are compiled beforehand; one warm-up run only where runs are short.
-            warmup = 1 if t <= 4096 else 0
-            reps = args.repeats if t < 65536 else args.repeats_long
-            log(f"T={t} {name}: forward x{reps}")
-            row["fwd_s"], row["runs"], out = timed(c_fwd, inputs[:3], reps, warmup)
-            out = np.asarray(out)
-            if sh is ring_sh:
+            runnable.append((row, c_fwd, c_bwd, inputs, layout if sh is ring_sh else None))
+
+        # Warm-up and error check, then interleaved timed rounds.
+        for row, c_fwd, c_bwd, inputs, layout in runnable:
+            out = np.asarray(c_fwd(*inputs[:3]))
+            if layout is not None:
                 out = np.asarray(from_layout(jnp.asarray(out), N_DEV, layout))
-            ref_out, ref_grads = ref[window]
+            ref_out, ref_grads = ref[row["window"]]
             row["err"] = float(np.max(np.abs(out[:, check_rows] - ref_out)))
             if train:
-                log(f"T={t} {name}: forward+backward x{reps}")
-                row["bwd_s"], _, grads = timed(c_bwd, inputs, reps, warmup)
+                grads = c_bwd(*inputs)
                 if ref_grads is not None:
-                    if sh is ring_sh:
+                    if layout is not None:
                         grads = [from_layout(g, N_DEV, layout) for g in grads]
                     row["gerr"] = max(
                         float(np.max(np.abs(np.asarray(g) - r))) for g, r in zip(grads, ref_grads)
                     )
-            log(
-                f"T={t} {name}: fwd {row['fwd_s']:.3f}s"
-                + (f", fwd+bwd {row['bwd_s']:.3f}s" if train else "")
-                + f", err {row['err']:.1e}"
-            )
-            del inputs
+        rounds = args.repeats if t < 65536 else 1
+        for r in range(rounds):
+            loads.append(os.getloadavg()[0])
+            for row, c_fwd, c_bwd, inputs, _ in runnable:
+                row["fwd"].append(seconds(c_fwd, inputs[:3])[0])
+                if train:
+                    row["bwd"].append(seconds(c_bwd, inputs)[0])
+            log(f"T={t}: round {r + 1}/{rounds} done (load {loads[-1]:.1f})")
+        for row, *_ in runnable:
+            row["fwd_s"] = statistics.median(row["fwd"])
+            row["runs"] = len(row["fwd"])
+            if train:
+                row["bwd_s"] = statistics.median(row["bwd"])
+                flops = causal_flops(t, True, row["window"])
+                row["gflops"] = flops / row["bwd_s"] / 1e9
+                row["peak_pct"] = 100 * flops / row["bwd_s"] / peak
+        del runnable
 
-    # Compile-only: per-device memory of forward+backward at a very long sequence.
-    x_spec = jax.ShapeDtypeStruct((B, huge_t, H, D), jnp.float32)
-    huge = [("ours contiguous", ours("contiguous"), args.block)]
-    huge += [("ours striped", ours("striped"), args.block)]
-    huge += [(f"authors chunk={c}", theirs(c), c) for c in (256, 512) if authors]
-    for name, attn, chunk in huge:
-        log(f"T={huge_t} {name}: compile only")
-        c_fwd, c_bwd = compile_pair(attn, x_spec, ring_sh, True)
-        rows.append(
-            dict(
-                t=huge_t,
-                name=name + " (compile only)",
-                chunk=chunk,
-                train=True,
-                fwd_mb=temp_mb(c_fwd),
-                bwd_mb=temp_mb(c_bwd),
+    if huge_t:  # Compile-only: per-device memory of forward+backward at a very long sequence.
+        x_spec = jax.ShapeDtypeStruct((B, huge_t, H, D), jnp.float32)
+        huge = [(f"ours {lay}", ours(lay), args.block) for lay in ("contiguous", "zigzag")]
+        huge += [(f"authors chunk={c}", theirs(c), c) for c in (256, 512) if authors]
+        for name, attn, chunk in huge:
+            log(f"T={huge_t} {name}: compile only")
+            c_fwd, c_bwd = compile_pair(attn, x_spec, ring_sh, True)
+            rows.append(
+                dict(
+                    t=huge_t,
+                    name=name + " (compile only)",
+                    chunk=chunk,
+                    train=True,
+                    fwd_mb=temp_mb(c_fwd),
+                    bwd_mb=temp_mb(c_bwd),
+                )
             )
-        )
 
-    print_table(rows, train_ts, args)
+    print_table(rows, train_ts, args, peak, loads)
 
 
 def fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
-def print_table(rows, train_ts, args) -> None:
+def print_table(rows, train_ts, args, peak: float, loads: list[float]) -> None:
     print()
     print(
         f"Ring attention, {N_DEV} virtual CPU devices (share {os.cpu_count()} cores), causal, "
-        f"B={B} H={H} D={D} float32; median of `runs` runs; temp = per-device "
-        "temporary memory from compile().memory_analysis()"
+        f"B={B} H={H} D={D} float32; median of `runs` interleaved rounds; temp = per-device "
+        f"temporary memory from compile().memory_analysis(); matmul peak {peak / 1e9:.0f} "
+        f"GFLOP/s f32 (measured); 1-min load average during the rounds "
+        f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}"
     )
     print()
     print(
-        "| T | implementation | chunk | fwd s | fwd+bwd s | fwd temp MB/dev | fwd+bwd temp MB/dev "
-        "| max err out | max err grads | runs |"
+        "| T | implementation | chunk | fwd s | fwd+bwd s | useful GFLOP/s | % of peak "
+        "| fwd temp MB/dev | fwd+bwd temp MB/dev | max err out | max err grads | runs |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['t']} | {r['name']} | {r['chunk']} | {fmt(r.get('fwd_s'), '.3f')} | "
-            f"{fmt(r.get('bwd_s'), '.3f')} | {fmt(r.get('fwd_mb'), '.1f')} | "
+            f"{fmt(r.get('bwd_s'), '.3f')} | {fmt(r.get('gflops'), '.0f')} | "
+            f"{fmt(r.get('peak_pct'), '.0f')} | {fmt(r.get('fwd_mb'), '.1f')} | "
             f"{fmt(r.get('bwd_mb'), '.1f')} | {fmt(r.get('err'), '.1e')} | "
             f"{fmt(r.get('gerr'), '.1e')} | {r.get('runs', 0)} |"
         )
     print()
-    for t in train_ts:
-        b = min(args.block, t // N_DEV)
-        c = imbalance_factor(t, N_DEV, b, b)
-        s = imbalance_factor(t, N_DEV, b, b, layout="striped")
-        print(
-            f"modelled causal imbalance at T={t}, chunk {b} (ring.plan, critical-path "
-            f"chunk work / (total/n)): contiguous {c:.3f}, striped {s:.3f}"
-        )
+    for line in work_lines(train_ts, N_DEV, args.block):
+        print(line)
+    print(ratio_line(rows))
+
+
+def ratio_line(rows) -> str:
+    """Ours/authors time ratios per T (vs the authors' fastest chunk in the same run)."""
     parts = []
     for t in sorted({r["t"] for r in rows}):
         at_t = [r for r in rows if r["t"] == t]
-        authors = [r for r in at_t if r["name"].startswith("authors")]
+        key = "bwd_s" if at_t[0]["train"] else "fwd_s"
+        authors = [r for r in at_t if r["name"].startswith("authors") and r.get(key)]
         if not authors:
             continue
-        train = authors[0]["train"]
-        tkey, mkey = ("bwd_s", "bwd_mb") if train else ("fwd_s", "fwd_mb")
-        timed_authors = [r for r in authors if r.get(tkey)]
-        seg = []
-        for label in ("contiguous", "striped"):
-            o = next((r for r in at_t if r["name"].startswith(f"ours {label}")), None)
-            if o is None:
-                continue
-            if timed_authors and o.get(tkey):
-                best = min(timed_authors, key=lambda r: r[tkey])
-                seg.append(f"{label} time {o[tkey] / best[tkey]:.2f}x (vs chunk {best['chunk']})")
-            same = next((r for r in authors if r["chunk"] == o["chunk"]), None)
-            if same is None:  # no authors' row at our chunk: compare with its leanest one
-                same = min(authors, key=lambda r: r.get(mkey) or float("inf"))
-            if o.get(mkey) is not None and same.get(mkey):
-                seg.append(f"{label} memory {o[mkey] / same[mkey]:.2f}x (vs chunk {same['chunk']})")
-        parts.append(f"T={t} {'fwd+bwd' if train else 'fwd'}: " + ", ".join(seg))
-    print(
-        "ratios ours/authors (time vs the authors' fastest chunk, memory vs the same chunk): "
-        + "; ".join(parts)
-        if parts
-        else "ratios ours/authors: n/a (authors' package not installed: pip install ringrl[bench])"
-    )
+        best = min(authors, key=lambda r: r[key])
+        seg = [
+            f"{o['name'][5:]} {best[key] / o[key]:.2f}x"
+            for o in at_t
+            if o["name"].startswith("ours") and "window" not in o["name"] and o.get(key)
+        ]
+        what = "fwd+bwd" if key == "bwd_s" else "fwd"
+        parts.append(f"T={t} {what} (authors' best: chunk {best['chunk']}): " + ", ".join(seg))
+    if not parts:
+        return "speed-up over the authors: n/a (not installed: pip install -e '.[bench]')"
+    return "speed-up over the authors (their time / ours, same run): " + "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -11,28 +11,48 @@ dK/dV with K/V (FlashAttention-2 backward per chunk pair from the saved output a
 no device ever holds more than its own shard plus one block in flight: memory O(T / n).
 
 Chunk pairs whose mask is empty (above the causal diagonal, outside the window, disjoint segment id
-ranges) are skipped with data-dependent loop bounds and `lax.cond`, never computed and masked.
+ranges) are skipped with data-dependent loop bounds, never computed and masked; only the pairs on a
+mask edge (the diagonal, the window's far end) pay for the mask, with no per-pair `lax.cond`
+except where segment ids make emptiness arbitrary. The shard is made head-major once per call.
 With a sliding window, hops whose blocks cannot meet any window are neither computed nor sent: the
 number of hops is derived statically from (layout, stripe, window, T_local, n).
+
+Overlap: every send in the hop loop is unconditional and reads only the loop carry (the last hop
+is peeled off), and the backward adds the arriving dK/dV only after the hop's own partial is
+computed, so XLA's latency-hiding scheduler may run each permute under the hop's compute.
+`impl` picks the per-hop forward kernel (`IMPLS`; "pallas" is the fused kernel of `ring.pallas`).
 """
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from ringrl.ring.layout import check_layout, local_positions
+from ringrl.ring.layout import check_layout, local_positions, num_hops
 from ringrl.ring.mesh import SEQ
+from ringrl.ring.pallas import flash_hop
 from ringrl.ring.softmax import merge
 
 _F32 = jnp.float32
+# Per-hop forward kernels: "xla" (blockwise jnp, any backend; the CPU path), "pallas" (the fused
+# Pallas flash kernel of ring.pallas, compiled for GPU/TPU), "pallas_interpret" (that kernel in
+# Pallas interpret mode, for CPU tests). The backward is the blockwise XLA kernel in every case.
+IMPLS = ("xla", "pallas", "pallas_interpret")
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Default inner chunk (block_q = block_kv). On the 2-core CPU machines of this project 256 beat 512
 # in both time and memory for H=4, D=64 (T=16384 on 8 devices, fwd+bwd: 9.5 s vs 11.4 s CPU time,
 # 18.8 MB vs 25.6 MB temp per device): a [B, H, 512, 512] f32 score tile no longer fits in cache.
 DEFAULT_BLOCK = 256
+
+# Names of the forward residuals (output, log-sum-exp) for `jax.checkpoint` policies, and the
+# policy that saves exactly them: under it a rematerialised block recomputes its cheap projections
+# but never the ring forward (n - 1 permutes and all the hop compute).
+RESIDUAL_NAMES = ("ring_attention_out", "ring_attention_lse")
+RESIDUAL_POLICY = jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)
 
 # Test-only instrumentation: when set (before tracing) to a callable taking a string tag, every
 # chunk pair that is actually computed calls it at run time ("fwd" / "bwd"), so tests can count
@@ -58,45 +78,25 @@ class _Cfg(NamedTuple):
     block_q: int
     block_kv: int
     hops: int  # ring hops actually computed (<= n); hops - 1 sends in the forward pass
+    impl: str = "xla"  # per-hop forward kernel: one of IMPLS
 
 
 def default_block(t_local: int, cap: int = DEFAULT_BLOCK) -> int:
-    """Largest divisor of t_local that is <= cap (the default chunk size)."""
-    for b in range(min(cap, t_local), 0, -1):
-        if t_local % b == 0:
-            return b
-    return 1
+    """Largest divisor of t_local that is <= cap (the default chunk size).
 
-
-@functools.lru_cache(maxsize=256)
-def num_hops(layout: str, stripe: int, window: int | None, t_local: int, n: int) -> int:
-    """Number of ring hops (blocks visited, own block included) any device needs.
-
-    Hop h brings device i the block of device (i - h) mod n. Without a window every hop is needed
-    (some device sees every block). With window w a hop is needed only if some query at position p
-    on some device has a key p-w+1 .. p on the block h hops back. For the contiguous layout and
-    w <= T_local that is 2 hops.
+    Warns when that divisor is below a quarter of min(cap, t_local) (a length with few divisors,
+    e.g. 2 x a prime): tiny chunks make the kernel loop-bound, and the fix is to pad the sequence.
     """
-    if window is None or n == 1:
-        return n
-    if layout == "contiguous":
-        # keys of block i-h reach up to (i-h+1)*T_local - 1; the earliest query on i is i*T_local,
-        # which sees keys >= i*T_local - w + 1. Needed iff (1-h)*T_local - 1 >= 1 - w.
-        # Hops with i - h < 0 wrap round to future blocks and are never needed.
-        need = [h for h in range(n) if (1 - h) * t_local - 1 >= 1 - window]
-        return max(need) + 1
-    last = 0
-    for h in range(1, n):
-        for i in range(n):
-            qp = local_positions(i, n, t_local, layout, stripe, xp=np)
-            kp = local_positions((i - h) % n, n, t_local, layout, stripe, xp=np)
-            # nearest key at or before each query (kp sorted)
-            j = np.searchsorted(kp, qp, side="right") - 1
-            ok = j >= 0
-            if np.any(qp[ok] - kp[j[ok]] < window):
-                last = h
-                break
-    return last + 1
+    want = min(cap, t_local)
+    block = next(b for b in range(want, 0, -1) if t_local % b == 0)
+    if block < want // 4:
+        warnings.warn(
+            f"ring attention: T_local={t_local} has no divisor between {want // 4} and {want}, so "
+            f"the default chunk is {block} tokens (slow); pad the sequence so that T_local is a "
+            f"multiple of {want}, or pass block_q/block_kv",
+            stacklevel=3,
+        )
+    return block
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -171,80 +171,104 @@ def _pair_mask(qp, kp, qs, ks, cfg: _Cfg):
     return mask
 
 
-def _dispatch(compute, nonempty, full, st, has_seg: bool, cfg: _Cfg):
-    """Runs one chunk pair inside the [lo, hi) range of possibly non-empty pairs.
-
-    Without segment ids the range holds only non-empty pairs; pairs entirely below the diagonal
-    (and inside the window) skip the mask arithmetic. With segment ids the range may contain
-    empty pairs (id ranges that do not overlap), skipped here.
-    """
-    if has_seg:
-        return jax.lax.cond(nonempty, compute, lambda st: st, st)
-    if not cfg.causal:  # no position mask at all
-        return compute(st, masked=False)
-    return jax.lax.cond(full, lambda st: compute(st, masked=False), compute, st)
-
-
 def _slice(x, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _pair_loops(lo, hi, ne, full, qseg, cfg: _Cfg):
+    """Per row of chunk pairs: the loops that cover its non-empty range without a per-pair cond.
+
+    Returns a function `run(i, pair, st)` that applies `pair(j, st, masked)` over row i's
+    non-empty pairs. Positions increase within a shard, so under a causal mask (and window) the
+    non-empty pairs of a row form one range [lo, hi) and the fully visible ones a sub-range
+    [flo, fhi): masked pairs (the diagonal, the window's far edge) sit only at its two ends. Those
+    three loops replace a `lax.cond` per pair. Segment ids can make any pair empty: that case keeps
+    a per-pair cond.
+    """
+    if qseg is not None:
+
+        def run_seg(i, pair, st):
+            def body(j, st):  # the segment mask applies even to positionally full pairs
+                return jax.lax.cond(ne[i, j], lambda st: pair(j, st, True), lambda st: st, st)
+
+            return jax.lax.fori_loop(lo[i], hi[i], body, st)
+
+        return run_seg
+    if not cfg.causal:
+
+        def run_full(i, pair, st):
+            return jax.lax.fori_loop(lo[i], hi[i], lambda j, st: pair(j, st, False), st)
+
+        return run_full
+    flo, fhi = _ranges(full)
+    none = ~full.any(-1)
+    flo, fhi = jnp.where(none, hi, flo), jnp.where(none, hi, fhi)
+
+    def run(i, pair, st):
+        st = jax.lax.fori_loop(lo[i], flo[i], lambda j, st: pair(j, st, True), st)
+        st = jax.lax.fori_loop(flo[i], fhi[i], lambda j, st: pair(j, st, False), st)
+        return jax.lax.fori_loop(fhi[i], hi[i], lambda j, st: pair(j, st, True), st)
+
+    return run
 
 
 def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
     """Merges attention of all local queries vs one key/value block into the running (o, lse).
 
-    Arrays stay token-major as given (no whole-shard transposes: they would cost O(T/n) temp
-    memory); only chunk-sized operands are rearranged for the matmuls.
-    q: [B, Tl, H, D]; kv: [2, B, Tl, H, D]; o: [B, Tl, H, D] f32; lse: [B, Tl, H] f32.
+    Head-major throughout (made so once per call), so chunks are contiguous slices and the
+    matmuls need no per-pair transposes.
+    q: [B, H, Tl, D]; kv: [2, B, H, Tl, D]; o: [B, H, Tl, D] f32; lse: [B, H, Tl] f32.
     """
     bq, bk = cfg.block_q, cfg.block_kv
-    nq = q.shape[1] // bq
+    nq = q.shape[2] // bq
     scale = q.shape[-1] ** -0.5
     ne, full = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
+    if cfg.impl != "xla":
+        fused = functools.partial(_fused_fwd_hop, cfg=cfg)
+        return jax.lax.cond(
+            ne.any(), fused, lambda c, *_: c, (o, lse), q, kv, qpos, kpos, qseg, kseg
+        )
     lo, hi = _ranges(ne)
+    run_row = _pair_loops(lo, hi, ne, full, qseg, cfg)
 
     def q_step(a, carry):
         o, lse = carry
-        qc = jnp.swapaxes(_slice(q, a * bq, bq, 1), 1, 2).astype(_F32) * scale  # [B, H, bq, D]
+        qc = _slice(q, a * bq, bq, 2).astype(_F32) * scale  # [B, H, bq, D]
         qp = _slice(qpos, a * bq, bq, 0)
         qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
 
-        def kv_step(c, st):
-            def compute(st, masked=True):
-                acc, m, l = st
-                _count_pair("fwd")
-                kc = _slice(kv[0], c * bk, bk, 1).astype(_F32)  # [B, bk, H, D]
-                vc = _slice(kv[1], c * bk, bk, 1).astype(_F32)
-                s = jnp.einsum("bhqd,bkhd->bhqk", qc, kc)
+        def pair(c, st, masked):
+            acc, m, l = st
+            _count_pair("fwd")
+            kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)  # [B, H, bk, D]
+            vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
+            s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc)
+            mask = None
+            if masked:
                 kp = _slice(kpos, c * bk, bk, 0)
                 ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
-                mask = _pair_mask(qp, kp, qs, ks, cfg) if masked else None
-                if mask is not None:
-                    s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked rows stay 0
-                p = jnp.exp(s - m_safe[..., None])
-                corr = jnp.exp(m - m_safe)
-                l = l * corr + p.sum(-1)
-                acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vc)
-                return acc, m_new, l
-
-            return _dispatch(compute, ne[a, c], full[a, c], st, qseg is not None, cfg)
+                mask = _pair_mask(qp, kp, qs, ks, cfg)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            # Masked pairs may leave a row empty: keep its max at 0 so exp stays 0, never NaN.
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if mask is not None else m_new
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(m - m_safe)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p, vc)
+            return acc, m_new, l
 
         acc0 = _vary_like(jnp.zeros(qc.shape, _F32), qc)
         m0 = _vary_like(jnp.full(qc.shape[:-1], -jnp.inf, _F32), qc)
         l0 = _vary_like(jnp.zeros(qc.shape[:-1], _F32), qc)
-        acc, m, l = jax.lax.fori_loop(lo[a], hi[a], kv_step, (acc0, m0, l0))
+        acc, m, l = run_row(a, pair, (acc0, m0, l0))
         ok = l > 0
         lse_c = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
         o_c = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
-        o_c, lse_c = merge(
-            _slice(o, a * bq, bq, 1),
-            _slice(lse, a * bq, bq, 1),
-            jnp.swapaxes(o_c, 1, 2),
-            jnp.swapaxes(lse_c, 1, 2),
-        )
-        o = jax.lax.dynamic_update_slice_in_dim(o, o_c, a * bq, 1)
-        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, a * bq, 1)
+        o_c, lse_c = merge(_slice(o, a * bq, bq, 2), _slice(lse, a * bq, bq, 2), o_c, lse_c)
+        o = jax.lax.dynamic_update_slice_in_dim(o, o_c, a * bq, 2)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, a * bq, 2)
         return o, lse
 
     def run(carry):
@@ -254,60 +278,77 @@ def _fwd_hop(q, kv, qpos, kpos, qseg, kseg, o, lse, cfg: _Cfg):
     return jax.lax.cond(ne.any(), run, lambda c: c, (o, lse))
 
 
+def _fused_fwd_hop(carry, q, kv, qpos, kpos, qseg, kseg, cfg: _Cfg):
+    """The Pallas kernel's (o, lse) of this hop, merged into the running (o, lse)."""
+    o_h, lse_h = flash_hop(
+        q,
+        kv[0],
+        kv[1],
+        qpos,
+        kpos,
+        qseg,
+        kseg,
+        causal=cfg.causal,
+        window=cfg.window,
+        block_q=cfg.block_q,
+        block_kv=cfg.block_kv,
+        interpret=cfg.impl == "pallas_interpret",
+    )
+    return merge(*carry, o_h, lse_h)
+
+
 def _bwd_hop(q, do, lse, di, kv, qpos, kpos, qseg, kseg, dkvT, dq, cfg: _Cfg):
-    """Adds one key/value block's contribution to dq and to that block's travelling dk/dv.
+    """Adds one key/value block's contribution to dq and to that block's dk/dv.
 
     FlashAttention-2 backward per chunk pair: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
     dS = P * (dP - D) with D = rowsum(dO * O), dQ += dS K * scale, dK += dS^T Q * scale.
     dK and dV are accumulated transposed (dV^T += dO^T P) so that no product needs the large
     [bq, bk] operand transposed (XLA:CPU copies it otherwise).
 
-    q, do: [B, Tl, H, D]; lse, di: [B, Tl, H] f32; kv: [2, B, Tl, H, D];
-    dkvT: [2, B, H, D, Tl] f32; dq: [B, Tl, H, D] f32.
+    Head-major: q, do: [B, H, Tl, D]; lse, di: [B, H, Tl] f32; kv: [2, B, H, Tl, D];
+    dkvT: [2, B, H, D, Tl] f32; dq: [B, H, Tl, D] f32.
     """
     bq, bk = cfg.block_q, cfg.block_kv
-    nk = kv.shape[2] // bk
+    nk = kv.shape[3] // bk
     scale = q.shape[-1] ** -0.5
     ne, full = _chunk_plan(qpos, kpos, qseg, kseg, cfg)
     lo, hi = _ranges(ne.T)
+    run_col = _pair_loops(lo, hi, ne.T, full.T, qseg, cfg)
 
     def kv_step(c, carry):
         dkvT, dq = carry
-        kc = jnp.swapaxes(_slice(kv[0], c * bk, bk, 1), 1, 2).astype(_F32)  # [B, H, bk, D]
-        vc = jnp.swapaxes(_slice(kv[1], c * bk, bk, 1), 1, 2).astype(_F32)
+        kc = _slice(kv[0], c * bk, bk, 2).astype(_F32)  # [B, H, bk, D]
+        vc = _slice(kv[1], c * bk, bk, 2).astype(_F32)
         kp = _slice(kpos, c * bk, bk, 0)
         ks = None if kseg is None else _slice(kseg, c * bk, bk, 1)
         dkv_c = _slice(dkvT, c * bk, bk, 4)  # [2, B, H, D, bk]
 
-        def q_step(a, st):
-            def compute(st, masked=True):
-                dkv_c, dq = st
-                _count_pair("bwd")
-                qc = _slice(q, a * bq, bq, 1).astype(_F32)  # [B, bq, H, D]
-                doc = _slice(do, a * bq, bq, 1).astype(_F32)
-                lse_c = jnp.swapaxes(_slice(lse, a * bq, bq, 1), 1, 2)  # [B, H, bq]
-                # Rows that see no key at all have lse = -inf; +inf makes their P exactly 0.
-                lse_c = jnp.where(jnp.isfinite(lse_c), lse_c, jnp.inf)
-                di_c = jnp.swapaxes(_slice(di, a * bq, bq, 1), 1, 2)
+        def pair(a, st, masked):
+            dkv_c, dq = st
+            _count_pair("bwd")
+            qc = _slice(q, a * bq, bq, 2).astype(_F32)  # [B, H, bq, D]
+            doc = _slice(do, a * bq, bq, 2).astype(_F32)
+            lse_c = _slice(lse, a * bq, bq, 2)  # [B, H, bq]
+            di_c = _slice(di, a * bq, bq, 2)
+            s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc) * scale
+            mask = None
+            if masked:
                 qp = _slice(qpos, a * bq, bq, 0)
                 qs = None if qseg is None else _slice(qseg, a * bq, bq, 1)
-                s = jnp.einsum("bqhd,bhkd->bhqk", qc, kc) * scale
-                mask = _pair_mask(qp, kp, qs, ks, cfg) if masked else None
-                if mask is not None:
-                    s = jnp.where(mask, s, -jnp.inf)
-                p = jnp.exp(s - lse_c[..., None])
-                dvT = jnp.einsum("bqhd,bhqk->bhdk", doc, p)
-                dp = jnp.einsum("bqhd,bhkd->bhqk", doc, vc)
-                ds = p * (dp - di_c[..., None])
-                dq_c = jnp.einsum("bhqk,bhkd->bqhd", ds, kc) * scale
-                dq_c = _slice(dq, a * bq, bq, 1) + dq_c
-                dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, a * bq, 1)
-                dkT = jnp.einsum("bqhd,bhqk->bhdk", qc, ds) * scale
-                return dkv_c + jnp.stack([dkT, dvT]), dq
+                mask = _pair_mask(qp, kp, qs, ks, cfg)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            p = jnp.exp(s - lse_c[..., None])
+            dvT = jnp.einsum("bhqd,bhqk->bhdk", doc, p)
+            dp = jnp.einsum("bhqd,bhkd->bhqk", doc, vc)
+            ds = p * (dp - di_c[..., None])
+            dq_c = jnp.einsum("bhqk,bhkd->bhqd", ds, kc) * scale
+            dq_c = _slice(dq, a * bq, bq, 2) + dq_c
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, a * bq, 2)
+            dkT = jnp.einsum("bhqd,bhqk->bhdk", qc, ds) * scale
+            return dkv_c + jnp.stack([dkT, dvT]), dq
 
-            return _dispatch(compute, ne[a, c], full[a, c], st, qseg is not None, cfg)
-
-        dkv_c, dq = jax.lax.fori_loop(lo[c], hi[c], q_step, (dkv_c, dq))
+        dkv_c, dq = run_col(c, pair, (dkv_c, dq))
         dkvT = jax.lax.dynamic_update_slice_in_dim(dkvT, dkv_c, c * bk, 4)
         return dkvT, dq
 
@@ -329,71 +370,98 @@ def _shift(x, cfg: _Cfg, shift: int):
     return jax.lax.ppermute(x, cfg.axis_name, perm)
 
 
-def _walk(step, state, cfg: _Cfg):
-    """Runs `step(h, state, send)` for hops h = 0 .. hops-1, never sending after the last hop.
+def _loop(body, lo: int, hi: int, state):
+    """`body(h, state)` for h = lo .. hi-1: unrolled for at most one hop, else one fori_loop.
 
-    One or two hops are unrolled (`send` a Python bool): with a window of <= T_local the forward
-    pass then makes exactly one collective permute. Longer rings run one loop over all hops with
-    the send under `lax.cond(h < hops - 1)` (every device takes the same branch), so the hop
-    kernel is compiled once whatever n is.
+    The hop kernel is then compiled once for the loop whatever n is, and a ring of two devices
+    (or a window <= T_local) makes exactly one send per pass.
     """
-    if cfg.hops <= 2:
-        for h in range(cfg.hops):
-            state = step(h, state, h < cfg.hops - 1)
+    if hi - lo <= 1:
+        for h in range(lo, hi):
+            state = body(h, state)
         return state
-    return jax.lax.fori_loop(0, cfg.hops, lambda h, st: step(h, st, h < cfg.hops - 1), state)
-
-
-def _maybe_shift(x, cfg: _Cfg, send):
-    """`_shift(x, cfg, 1)` if `send` (a Python or traced bool), else x."""
-    if isinstance(send, bool):
-        return _shift(x, cfg, 1) if send else x
-    return jax.lax.cond(send, lambda y: _shift(y, cfg, 1), lambda y: y, x)
+    return jax.lax.fori_loop(lo, hi, body, state)
 
 
 def _forward(q, k, v, seg, cfg: _Cfg):
-    """Returns (out [B, Tl, H, D] in q.dtype, lse [B, Tl, H] f32)."""
+    """Returns (out [B, Tl, H, D] in q.dtype, lse [B, H, Tl] f32).
+
+    The shard is made head-major once per call (q, and the K/V block that travels), so every
+    chunk is a contiguous slice. Hops 0 .. hops-2 run in a loop whose K/V send is unconditional
+    and reads only the loop carry, so it does not wait for (and can run under) that hop's block
+    computation; the last hop is peeled off and sends nothing.
+    """
     idx = _device_index(cfg)
     tl = q.shape[1]
-    kv = jnp.stack([k, v])  # one array travels: one collective per hop
+    qh = jnp.swapaxes(q, 1, 2)  # [B, H, Tl, D]
+    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)  # [2, B, H, Tl, D]: one array, one collective
     qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
-    o = _vary_like(jnp.zeros(q.shape, _F32), q)
-    lse = _vary_like(jnp.full(q.shape[:-1], -jnp.inf, _F32), q)
+    o = _vary_like(jnp.zeros(qh.shape, _F32), q)
+    lse = _vary_like(jnp.full(qh.shape[:-1], -jnp.inf, _F32), q)
 
-    def step(h, state, send):
-        o, lse, kv, kseg = state
+    def hop(h, o, lse, kv, kseg):
         kpos = local_positions((idx - h) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
-        o, lse = _fwd_hop(q, kv, qpos, kpos, seg, kseg, o, lse, cfg)
-        kv, kseg = _maybe_shift((kv, kseg), cfg, send)
-        return o, lse, kv, kseg
+        return _fwd_hop(qh, kv, qpos, kpos, seg, kseg, o, lse, cfg)
 
-    o, lse, _, _ = _walk(step, (o, lse, kv, seg), cfg)
-    return o.astype(q.dtype), lse
+    def body(h, state):
+        o, lse, kv, kseg = state
+        kv_next, kseg_next = _shift((kv, kseg), cfg, 1)
+        o, lse = hop(h, o, lse, kv, kseg)
+        return o, lse, kv_next, kseg_next
+
+    o, lse, kv, kseg = _loop(body, 0, cfg.hops - 1, (o, lse, kv, seg))
+    o, lse = hop(cfg.hops - 1, o, lse, kv, kseg)
+    return jnp.swapaxes(o, 1, 2).astype(q.dtype), lse
 
 
 def _backward(q, k, v, seg, out, lse, g, cfg: _Cfg):
+    """Returns (dq, dk, dv), walking the ring again with K/V and their travelling dK/dV.
+
+    Software-pipelined: at hop h a device computes its partial dK/dV of the block it holds into a
+    fresh buffer, and only then adds the accumulator that arrived for that block (sent by the
+    previous device at the start of this hop, from the loop carry). So neither the K/V send nor
+    the dK/dV send of a hop depends on that hop's block computation.
+    """
     idx = _device_index(cfg)
     b, tl, h, d = q.shape
-    # D_i = rowsum(dO * O), from the output as returned (FlashAttention-2).
-    di = jnp.einsum("bthd,bthd->bth", g.astype(_F32), out.astype(_F32))
-    kv = jnp.stack([k, v])
+    # D_i = rowsum(dO * O), from the output as returned (FlashAttention-2); head-major like lse.
+    di = jnp.einsum("bthd,bthd->bht", g.astype(_F32), out.astype(_F32))
+    qh, gh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(g, 1, 2)  # [B, H, Tl, D]
+    kv = jnp.swapaxes(jnp.stack([k, v]), 2, 3)
     qpos = local_positions(idx, cfg.n, tl, cfg.layout, cfg.stripe)
-    dq = _vary_like(jnp.zeros(q.shape, _F32), q)
-    dkvT = _vary_like(jnp.zeros((2, b, h, d, tl), _F32), q)
+    dq = _vary_like(jnp.zeros(qh.shape, _F32), q)
 
-    def step(hop, state, send):
-        dq, kv, dkvT, kseg = state
-        kpos = local_positions((idx - hop) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
-        dkvT, dq = _bwd_hop(q, g, lse, di, kv, qpos, kpos, seg, kseg, dkvT, dq, cfg)
-        # dK/dV travel with their K/V block.
-        kv, dkvT, kseg = _maybe_shift((kv, dkvT, kseg), cfg, send)
-        return dq, kv, dkvT, kseg
+    def hop(hop_index, kv, kseg, dq):
+        """This device's partial dK/dV^T [2, B, H, D, Tl] of the block it holds, and dq."""
+        kpos = local_positions((idx - hop_index) % cfg.n, cfg.n, tl, cfg.layout, cfg.stripe)
+        zero = _vary_like(jnp.zeros((2, b, h, d, tl), _F32), q)
+        return _bwd_hop(qh, gh, lse, di, kv, qpos, kpos, seg, kseg, zero, dq, cfg)
 
-    dq, _, dkvT, _ = _walk(step, (dq, kv, dkvT, seg), cfg)
+    dkvT, dq = hop(0, kv, seg, dq)
+    if cfg.hops == 1:
+        return _finish_backward(q, k, v, dq, dkvT)
+
+    def body(hop_index, state):
+        dq, kv, kseg, acc = state
+        incoming = _shift(acc, cfg, 1)  # the accumulator of the block this device holds now
+        partial, dq = hop(hop_index, kv, kseg, dq)
+        kv_next, kseg_next = _shift((kv, kseg), cfg, 1)
+        return dq, kv_next, kseg_next, incoming + partial
+
+    kv, kseg = _shift((kv, seg), cfg, 1)
+    dq, kv, kseg, dkvT = _loop(body, 1, cfg.hops - 1, (dq, kv, kseg, dkvT))
+    incoming = _shift(dkvT, cfg, 1)
+    partial, dq = hop(cfg.hops - 1, kv, kseg, dq)
+    dkvT = incoming + partial
     # dk/dv now belong to device idx - (hops - 1): send them home.
     back = -(cfg.hops - 1) % cfg.n
     if back:
         dkvT = _shift(dkvT, cfg, back)
+    return _finish_backward(q, k, v, dq, dkvT)
+
+
+def _finish_backward(q, k, v, dq, dkvT):
+    dq = jnp.swapaxes(dq, 1, 2)  # [B, Tl, H, D]
     dk = jnp.transpose(dkvT[0], (0, 3, 1, 2)).astype(k.dtype)  # [B, Tl, H, D]
     dv = jnp.transpose(dkvT[1], (0, 3, 1, 2)).astype(v.dtype)
     return dq.astype(q.dtype), dk, dv
@@ -406,6 +474,10 @@ def _attention(q, k, v, seg, cfg: _Cfg):
 
 def _attention_fwd(q, k, v, seg, cfg: _Cfg):
     out, lse = _forward(q, k, v, seg, cfg)
+    # Named so that a remat policy can keep them (`RESIDUAL_POLICY`): the backward then needs only
+    # q, k, v (cheap to recompute from the block input) instead of a second walk round the ring.
+    out = checkpoint_name(out, RESIDUAL_NAMES[0])
+    lse = checkpoint_name(lse, RESIDUAL_NAMES[1])
     return out, (q, k, v, seg, out, lse)
 
 
@@ -418,9 +490,13 @@ def _attention_bwd(cfg: _Cfg, res, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv):
+def _make_cfg(
+    q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv, impl
+):
     """Validates the arguments (before any tracing work) and builds the static config."""
-    check_layout(layout, stripe)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; use one of {IMPLS}")
+    check_layout(layout, stripe)  # the name first; the length once the ring size is known
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must be [B, T_local, H, D], got shape {jnp.shape(x)}")
@@ -460,23 +536,24 @@ def _make_cfg(q, k, v, segment_ids, axis_name, causal, window, layout, stripe, b
                 f"jax.shard_map over a mesh with an axis named {axis_name!r} (e.g. "
                 f"ring.make_mesh([(DATA, 1), (SEQ, n)])), or use blockwise_attention on one device"
             ) from None
-    if layout == "striped" and tl % stripe:
-        raise ValueError(
-            f"T_local={tl} is not divisible by stripe={stripe}; pad the sequence to a multiple "
-            f"of n*stripe"
-        )
-    block_q = default_block(tl) if block_q is None else block_q
-    block_kv = default_block(tl) if block_kv is None else block_kv
+    check_layout(layout, stripe, length=n * tl, n=n)
+    # Zigzag shards are two halves far apart: chunks inside one half skip exactly.
+    unit = tl // 2 if layout == "zigzag" and n > 1 else tl
+    if block_q is None or block_kv is None:
+        block = default_block(unit)
+        block_q = block if block_q is None else block_q
+        block_kv = block if block_kv is None else block_kv
     for name, bsz in (("block_q", block_q), ("block_kv", block_kv)):
         if not isinstance(bsz, (int, np.integer)) or bsz < 1 or tl % bsz:
             raise ValueError(
                 f"T_local={tl} is not divisible by {name}={bsz}; pick a divisor of {tl} "
-                f"(or None for the default {default_block(tl)})"
+                f"(or None for the default)"
             )
     hops = num_hops(layout, int(stripe), window, tl, n)
     return _Cfg(
-        axis_name, n, bool(causal), window, layout, int(stripe), int(block_q), int(block_kv), hops
-    )
+        axis_name, n, bool(causal), window, layout, int(stripe), int(block_q), int(block_kv), hops,
+        impl,
+    )  # fmt: skip
 
 
 def ring_attention(
@@ -492,6 +569,7 @@ def ring_attention(
     stripe: int = 1,
     block_q: int | None = None,
     block_kv: int | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """Exact attention over the whole ring; call per shard inside `jax.shard_map` over `axis_name`.
 
@@ -502,11 +580,14 @@ def ring_attention(
       window: sliding window in tokens: query at p sees keys p-window+1 .. p (needs causal). Hops
         that cannot meet any window are not run nor sent.
       segment_ids: [B, T_local] int; attend only within equal ids. Rows with nothing to see give 0.
-      layout: "contiguous" or "striped" (token i on device (i // stripe) % n; convert global arrays
-        with `ring.layout.to_layout`).
+      layout: "contiguous", "striped" (token i on device (i // stripe) % n) or "zigzag" (device d
+        holds chunks d and 2n-1-d of 2n); convert global arrays with `ring.layout.to_layout`.
       stripe: tokens kept together per device in the striped layout.
-      block_q, block_kv: inner chunk sizes; None picks the largest divisor of T_local <= 256
-        (`DEFAULT_BLOCK`; `ring.plan` can choose them).
+      block_q, block_kv: inner chunk sizes; None picks the largest divisor of T_local (of
+        T_local / 2 for zigzag) <= 256 (`DEFAULT_BLOCK`; `ring.plan` / `ring.tune` can choose them).
+      impl: per-hop forward kernel, one of IMPLS: "xla" (default, any backend), "pallas" (fused
+        flash kernel for GPU/TPU: bf16 operands, f32 accumulation and statistics) or
+        "pallas_interpret" (the same kernel interpreted, for CPU tests).
 
     Returns:
       [B, T_local, H, D] in q.dtype.
@@ -516,7 +597,7 @@ def ring_attention(
         bad segment_ids, unknown layout.
     """
     cfg = _make_cfg(
-        q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv
+        q, k, v, segment_ids, axis_name, causal, window, layout, stripe, block_q, block_kv, impl
     )
     return _attention(q, k, v, segment_ids, cfg)
 
@@ -531,10 +612,13 @@ def blockwise_attention(
     segment_ids: jax.Array | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """Single-device blockwise attention: `ring_attention`'s kernel on a ring of one device.
 
     Args and returns as `ring_attention` on full [B, T, H, D] arrays (no mesh axis needed).
     """
-    cfg = _make_cfg(q, k, v, segment_ids, None, causal, window, "contiguous", 1, block_q, block_kv)
+    cfg = _make_cfg(
+        q, k, v, segment_ids, None, causal, window, "contiguous", 1, block_q, block_kv, impl
+    )
     return _attention(q, k, v, segment_ids, cfg)

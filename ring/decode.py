@@ -3,8 +3,8 @@
 A cache holds keys and values `[B, T_max, H, D]` (global shape) in *layout order*: the global array
 is what `ring.layout.to_layout` would produce from the original sequence, so that sharding it
 contiguously over the `SEQ` axis puts every position on the device that owns it in the ring's
-layout ("contiguous": position p on device p // (T_max / n); "striped" with `stripe=s`: position
-p on device (p // s) % n). Arrays are sharded `P(DATA, SEQ)`; per-batch `lengths [B]` int32 (and
+layout (`ring.layout.position_owner`: "contiguous", "striped" with `stripe=s`, or "zigzag").
+Arrays are sharded `P(DATA, SEQ)`; per-batch `lengths [B]` int32 (and
 optional segment ids `[B, T_max]`) travel with them.
 
 Per step (inside `jax.shard_map` over `SEQ`):
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ringrl.ring.layout import LAYOUTS, local_positions, to_layout
+from ringrl.ring.layout import check_layout, local_positions, position_owner, to_layout
 from ringrl.ring.mesh import DATA, SEQ
 from ringrl.ring.softmax import NEG_INF, merge, merge_over_axis
 
@@ -46,7 +46,7 @@ class KVCache:
       v: [B, T_max, H, D] values, same layout.
       lengths: [B] int32, number of valid positions per batch element (positions 0..length-1).
       segment_ids: [B, T_max] int32 in layout order, or None when the cache has no segments.
-      layout: "contiguous" or "striped" (static).
+      layout: one of `ring.layout.LAYOUTS` (static).
       stripe: tokens per stripe for the striped layout (static; 1 for contiguous).
     """
 
@@ -105,13 +105,13 @@ def init_cache(
 
     Args:
       batch: B.
-      max_len: T_max, the capacity in tokens; a multiple of n (contiguous) or n * stripe (striped),
-        n being the size of the mesh's SEQ axis (1 without a mesh).
+      max_len: T_max, the capacity in tokens; a multiple of `ring.layout.layout_unit` (n, n *
+        stripe or 2n for contiguous, striped, zigzag), n the mesh's SEQ size (1 without a mesh).
       num_heads: H.
       head_dim: D.
       dtype: dtype of keys and values (statistics are always float32).
       mesh: mesh with a SEQ axis (and optionally DATA); None for a single device.
-      layout: "contiguous" or "striped", the layout the ring uses for this sequence.
+      layout: one of `ring.layout.LAYOUTS`, the layout the ring uses for this sequence.
       stripe: striped layout only: consecutive tokens kept together on one device.
       with_segment_ids: also store per-position segment ids (zeros initially).
 
@@ -127,7 +127,7 @@ def init_cache(
             f"ring.mesh.make_mesh([..., ({SEQ!r}, n)])"
         )
     n = 1 if mesh is None else int(mesh.shape[SEQ])
-    _check_layout(layout, stripe, max_len, n)
+    check_layout(layout, stripe, length=max_len, n=n, what="cache")
     for name, size in (("batch", batch), ("num_heads", num_heads), ("head_dim", head_dim)):
         if size < 1:
             raise ValueError(f"init_cache: {name} must be >= 1, got {size}")
@@ -218,20 +218,6 @@ def cache_from_prefix(
 
     shardings = jax.tree.map(lambda x: x.sharding, empty)
     return jax.jit(build, out_shardings=shardings)(k, v, lengths, segment_ids)
-
-
-def position_owner(
-    pos: jax.Array, t_local: int, n: int, layout: str = "contiguous", stripe: int = 1
-) -> tuple[jax.Array, jax.Array]:
-    """(device, local slot) owning original position `pos` (any int array shape).
-
-    The inverse of `ring.layout.local_positions`: `local_positions(device, n, t_local, layout,
-    stripe)[slot] == pos`.
-    """
-    if layout == "contiguous":
-        return pos // t_local, pos % t_local
-    block = pos // stripe
-    return block % n, (block // n) * stripe + pos % stripe
 
 
 def check_capacity(cache: KVCache, num_new: int) -> None:
@@ -426,19 +412,6 @@ def _axis(axis_name: str, where: str) -> tuple[int, jax.Array]:
         ) from e
 
 
-def _check_layout(layout: str, stripe: int, max_len: int, n: int) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if stripe < 1 or (layout == "contiguous" and stripe != 1):
-        raise ValueError(f"stripe must be >= 1 (and 1 for the contiguous layout), got {stripe}")
-    unit = n * stripe
-    if max_len < 1 or max_len % unit:
-        raise ValueError(
-            f"cache length {max_len} must be a positive multiple of n * stripe = {n} * {stripe} = "
-            f"{unit}; round it up to {max(unit, -(-max_len // unit) * unit)}"
-        )
-
-
 def _check_new(cache: KVCache, x: jax.Array, name: str) -> None:
     b, _, h, d = cache.k.shape
     if x.ndim != 4 or x.shape[0] != b or x.shape[2:] != (h, d) or x.shape[1] < 1:
@@ -454,7 +427,7 @@ def _overflow_message(needed: int | str, t_max: int, num_new: int) -> str:
     return (
         f"KV cache overflow: writing {num_new} new token(s) needs {needed} positions but the "
         f"cache holds T_max = {t_max}; create it with init_cache(max_len>={needed}) (rounded up to "
-        f"a multiple of n * stripe) or start a new context"
+        f"a multiple of ring.layout.layout_unit) or start a new context"
     )
 
 

@@ -9,13 +9,17 @@ it picks `block_q` / `block_kv` for `ring.attention.ring_attention` and reports
 - the compute-to-communication ratio of one hop: (FLOPs of the hop / FLOP/s) ÷ (bytes sent per hop /
   link bandwidth). Ring Attention (Liu et al. 2023, §3) overlaps the send with the compute only when
   this is >= 1, i.e. the local block must be at least about FLOP/s ÷ bandwidth tokens long;
-- the causal load-imbalance factor of the layout: the critical path (the busiest device's number of
-  non-empty chunk pairs, counted exactly with the kernel's own skipping rule) ÷ (total / n). The
-  contiguous causal layout tends to (2n-1)/n; the striped layout stays near 1;
+- the work of the layout in absolute units of one full block pair (Tl x Tl query-key pairs):
+  `work_total`, summed over devices and hops, and `work_critical`, the busiest device's share,
+  both counted exactly with the kernel's own chunk-skipping rule (`layout_work`). Their ideal is
+  the useful work (visible query-key pairs) ÷ n; `imbalance` = critical ÷ that ideal, so a layout
+  that balances by doing extra masked work (striped) is not reported as perfect. Causal, 8
+  devices, T=16384, chunk 256: contiguous 32.5 total / 7.56 critical, striped 36 / 4.5, zigzag
+  32.5 / 4.06 (ideal 4.0);
 - the longest sequence whose per-device memory fits the budget with the chosen blocks.
 
-`autotune(...)` times candidate block sizes of the real `ring_attention` (jitted forward+backward,
-median of a few runs) on the mesh's devices and returns the fastest with the timings table.
+It is a tool: the backbone takes `block_q` / `block_kv` from its config (None: the kernel's
+`default_block`), and `ring.tune.autotune` measures candidates on real devices.
 
 Dimension letters: B batch, T tokens (Tl = T / n per device), H heads, D head dim, n ring size.
 """
@@ -23,17 +27,13 @@ Dimension letters: B batch, T tokens (Tl = T / n per device), H heads, D head di
 import dataclasses
 import itertools
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ringrl.ring.layout import LAYOUTS, local_positions
-from ringrl.ring.mesh import DATA, SEQ
+from ringrl.ring.layout import check_layout, layout_unit, local_positions, num_hops
 
 DEFAULT_CANDIDATES = (64, 128, 256, 512, 1024, 2048)
 # Matmuls per chunk pair: forward QK^T and PV; backward recomputes QK^T, then dV, dP, dQ, dK.
@@ -58,8 +58,10 @@ class Plan:
       compute_to_comm_fwd, compute_to_comm_bwd: (critical-path FLOPs per hop / flops_per_s) ÷
         (bytes per hop / link_bytes_per_s); >= 1 means the send hides behind the compute.
       min_t_local_for_overlap: smallest Tl with compute_to_comm_fwd >= 1 for a full hop.
-      imbalance: critical-path chunk work ÷ (total chunk work / n), 1.0 = perfectly balanced.
-      chunk_pairs_critical, chunk_pairs_total: the counts behind `imbalance`.
+      imbalance: work_critical ÷ (useful work / n); 1.0 = perfect balance with no wasted work.
+      chunk_pairs_critical, chunk_pairs_total: non-empty chunk pairs (busiest device, all).
+      work_critical, work_total: the same in full block pairs (Tl x Tl), comparable across
+        layouts and block sizes.
       predicted_seconds: modelled time of the critical path (chunk FLOPs + per-chunk overhead).
       max_seq_len: longest T (a multiple of the block and layout units) that fits the budget.
       layout, stripe, causal, window: the configuration planned for.
@@ -84,6 +86,8 @@ class Plan:
     imbalance: float
     chunk_pairs_critical: int
     chunk_pairs_total: int
+    work_critical: float
+    work_total: float
     predicted_seconds: float
     max_seq_len: int
     layout: str
@@ -117,17 +121,19 @@ def memory_model(
 ) -> dict[str, int]:
     """Inventory of the kernel's live buffers at its peak, per device (bytes).
 
-    Forward: local q/k/v and the output; the stacked K/V block travelling round the ring plus the
-    one arriving (ppermute writes a new buffer); the f32 output accumulator and log-sum-exp; per
-    chunk pair the f32 score and probability matrices [B, H, bq, bkv] and the f32 q/k/v/accumulator
-    chunks. Backward (the peak of training): the inputs and residuals (output, lse), the incoming
-    gradient, rowsum(dO*O), travelling K/V plus the arriving copy, the f32 dQ accumulator, the
-    travelling f32 dK/dV plus the arriving copy, the returned dq/dk/dv, and per chunk pair four f32
-    matrices (S, P, dP, dS). The kernel works token-major, so no whole-shard transposes.
+    Forward: local q/k/v and the output; the head-major copy of q the kernel makes once per call;
+    the stacked K/V block travelling round the ring plus the one arriving (ppermute writes a new
+    buffer); the f32 output accumulator and log-sum-exp; per chunk pair the f32 score and
+    probability matrices [B, H, bq, bkv] and the f32 q/k/v/accumulator chunks. Backward (the peak
+    of training): the inputs and residuals (output, lse), the incoming gradient, rowsum(dO*O), the
+    head-major copies of q and dO, travelling K/V plus the arriving copy, the f32 dQ accumulator,
+    the travelling f32 dK/dV plus the arriving copy, the hop's own f32 dK/dV partial (the
+    pipelined backward adds the arriving accumulator after computing it), the returned dq/dk/dv,
+    and per chunk pair four f32 matrices (S, P, dP, dS).
 
-    XLA fuses some of these: compiled memory (arguments + outputs + temporaries) measured 0.65-0.9x
-    this inventory for forward+backward and 0.8-1.2x for the forward pass on CPU (f32 and bf16,
-    B 1-2, chunks 64-512); tests/test_ring_plan.py holds it to 0.6-1.3x.
+    XLA fuses some of these: compiled memory (arguments + outputs + temporaries) measured
+    0.73-0.97x this inventory for forward+backward and 0.9-1.23x for the forward pass on CPU
+    (f32 and bf16, chunks 128-512, n 4-8); tests/test_ring_plan.py holds it to 0.6-1.3x.
     """
     b = jnp.dtype(dtype).itemsize
     e = batch * t_local * num_heads * head_dim  # elements of one local [B, Tl, H, D] array
@@ -139,6 +145,7 @@ def memory_model(
         return {
             "inputs q,k,v": 3 * e * b,
             "output": e * b,
+            "head-major q": e * b,
             "K/V travelling + arriving": 4 * e * b,
             "f32 output accumulator": 4 * e,
             "f32 lse": 4 * s,
@@ -152,7 +159,9 @@ def memory_model(
         "incoming gradient dO": e * b,
         "K/V travelling + arriving": 4 * e * b,
         "f32 dQ accumulator": 4 * e,
+        "head-major q, dO": 2 * e * b,
         "f32 dK/dV travelling + arriving": 4 * 4 * e,
+        "f32 dK/dV partial of the hop": 2 * 4 * e,
         "returned dq, dk, dv": 3 * e * b,
         "f32 chunk S, P, dP, dS": 4 * 4 * c,
         "f32 chunk q/dO/k/v": 4 * (2 * qc + 2 * kc),
@@ -201,6 +210,49 @@ def chunk_work(
     return work
 
 
+def useful_pairs(seq_len: int, *, causal: bool = True, window: int | None = None) -> int:
+    """Visible (query, key) token pairs of the whole sequence: the work no layout can avoid."""
+    if not causal:
+        return seq_len * seq_len
+    p = np.arange(seq_len, dtype=np.int64)
+    seen = p + 1 if window is None else np.minimum(p + 1, window)
+    return int(seen.sum())
+
+
+def layout_work(
+    seq_len: int,
+    n_devices: int,
+    block_q: int,
+    block_kv: int,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    layout: str = "contiguous",
+    stripe: int = 1,
+) -> tuple[float, float]:
+    """(total, critical path) work of a layout in full block pairs (Tl x Tl query-key pairs).
+
+    Total sums the non-empty chunk pairs (`chunk_work`, the kernel's skipping rule) over devices
+    and the hops that run; the critical path is the busiest device's sum. Both are absolute, so
+    layouts compare directly: the ideal critical path is `useful_pairs / n / Tl^2`.
+    """
+    tl = seq_len // n_devices
+    hops = num_hops(layout, stripe, window, tl, n_devices)
+    work = chunk_work(
+        seq_len,
+        n_devices,
+        block_q,
+        block_kv,
+        causal=causal,
+        window=window,
+        layout=layout,
+        stripe=stripe,
+        hops=hops,
+    ).sum(1)
+    unit = block_q * block_kv / tl**2
+    return float(work.sum() * unit), float(work.max() * unit)
+
+
 def imbalance_factor(
     seq_len: int,
     n_devices: int,
@@ -212,8 +264,12 @@ def imbalance_factor(
     layout: str = "contiguous",
     stripe: int = 1,
 ) -> float:
-    """Critical-path chunk work ÷ (total chunk work / n); 1.0 is perfect balance."""
-    work = chunk_work(
+    """Critical-path work ÷ ideal (useful work / n); 1.0 is perfect balance with no waste.
+
+    The ideal is the same for every layout, so a layout that balances by computing extra masked
+    pairs (striped) pays for them here.
+    """
+    _, critical = layout_work(
         seq_len,
         n_devices,
         block_q,
@@ -222,9 +278,10 @@ def imbalance_factor(
         window=window,
         layout=layout,
         stripe=stripe,
-    ).sum(1)
-    total = work.sum()
-    return float(work.max() * n_devices / total) if total else 1.0
+    )
+    tl = seq_len // n_devices
+    ideal = useful_pairs(seq_len, causal=causal, window=window) / n_devices / tl**2
+    return float(critical / ideal)
 
 
 def plan(
@@ -296,18 +353,9 @@ def plan(
     ):
         if not val > 0:
             raise ValueError(f"plan: {name} must be > 0, got {val!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"plan: unknown layout {layout!r}; use one of {LAYOUTS}")
-    if layout == "contiguous" and stripe != 1:
-        raise ValueError(f"plan: stripe={stripe} only applies to layout='striped'")
     if window is not None and (window < 1 or not causal):
         raise ValueError(f"plan: window must be >= 1 and needs causal=True, got {window!r}")
-    unit = n_devices * (stripe if layout == "striped" else 1)
-    if seq_len % unit:
-        raise ValueError(
-            f"plan: seq_len {seq_len} is not divisible by {unit} (n devices {n_devices}"
-            f"{f' x stripe {stripe}' if layout == 'striped' else ''}); pad it to a multiple"
-        )
+    check_layout(layout, stripe, length=seq_len, n=n_devices)
     t_local = seq_len // n_devices
     pairs = _candidate_pairs(candidates)
     fitting_tl = [(bq, bk) for bq, bk in pairs if t_local % bq == 0 and t_local % bk == 0]
@@ -332,7 +380,7 @@ def plan(
             f"mem_budget_bytes to >= {need}, use more devices, or a shorter sequence"
         )
 
-    hops = _num_hops(layout, stripe, window, t_local, n_devices)
+    hops = num_hops(layout, stripe, window, t_local, n_devices)
     pair_matmul = 2 * batch * num_heads * head_dim  # FLOPs per (query, key) per matmul
     matmuls = FWD_MATMULS + (BWD_MATMULS if backward else 0)
 
@@ -360,7 +408,8 @@ def plan(
     per_dev = work.sum(1)
     total = int(per_dev.sum())
     critical = int(per_dev.max())
-    imbalance = float(critical * n_devices / total) if total else 1.0
+    ideal = useful_pairs(seq_len, causal=causal, window=window) / n_devices / (bq * bk)
+    imbalance = float(critical / ideal)
 
     itemsize = jnp.dtype(dtype).itemsize
     e = batch * t_local * num_heads * head_dim
@@ -399,6 +448,8 @@ def plan(
         imbalance=imbalance,
         chunk_pairs_critical=critical,
         chunk_pairs_total=total,
+        work_critical=critical * bq * bk / t_local**2,
+        work_total=total * bq * bk / t_local**2,
         predicted_seconds=seconds,
         max_seq_len=_max_seq_len(
             mem_budget_bytes, n_devices, bq, bk, layout, stripe, lambda tl: mem(bq, bk, tl)
@@ -408,134 +459,6 @@ def plan(
         causal=causal,
         window=window,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class AutotuneResult:
-    """Fastest measured block sizes and the full timings table.
-
-    Attributes:
-      block_q, block_kv: the fastest candidate.
-      seconds: its median forward+backward time.
-      table: one dict per candidate: block_q, block_kv, median_s, times_s (all runs).
-    """
-
-    block_q: int
-    block_kv: int
-    seconds: float
-    table: list[dict[str, Any]]
-
-
-def autotune(
-    seq_len: int,
-    mesh: jax.sharding.Mesh,
-    num_heads: int,
-    head_dim: int,
-    dtype: Any = jnp.float32,
-    *,
-    batch: int = 1,
-    causal: bool = True,
-    window: int | None = None,
-    layout: str = "contiguous",
-    stripe: int = 1,
-    candidates: Sequence[int] | Sequence[tuple[int, int]] = (256, 512),
-    repeats: int = 3,
-    backward: bool = True,
-    seed: int = 0,
-) -> AutotuneResult:
-    """Times `ring_attention` for each candidate block size on the mesh's devices.
-
-    Each candidate is jitted (forward+backward through `jax.grad` of a sum, or forward only),
-    compiled and run once untimed, then timed `repeats` times; the median decides.
-
-    Args:
-      seq_len: global T (sharded over the mesh's SEQ axis).
-      mesh: a mesh with a SEQ axis (and optionally DATA, which then shards the batch).
-      num_heads, head_dim, dtype, batch: the attention shape.
-      causal, window, layout, stripe: as for `ring_attention`.
-      candidates: ints (square blocks: block_q = block_kv) or (block_q, block_kv) pairs.
-      repeats: timed runs per candidate.
-      backward: time forward+backward (True) or the forward pass only.
-      seed: for the random inputs.
-
-    Returns:
-      An AutotuneResult (fastest first in nothing; the table keeps the candidates' order).
-
-    Raises:
-      ValueError: the mesh has no SEQ axis, or no candidate divides T_local.
-    """
-    from ringrl.ring.attention import ring_attention  # heavy module; only autotune needs it
-
-    if SEQ not in mesh.axis_names:
-        raise ValueError(f"autotune: mesh axes {mesh.axis_names} have no {SEQ!r} axis")
-    if repeats < 1:
-        raise ValueError(f"autotune: repeats must be >= 1, got {repeats}")
-    n = int(mesh.shape[SEQ])
-    if seq_len % n:
-        raise ValueError(f"autotune: seq_len {seq_len} is not divisible by the {SEQ!r} axis {n}")
-    t_local = seq_len // n
-    pairs = [
-        (bq, bk)
-        for bq, bk in (
-            [(c, c) for c in candidates]
-            if all(isinstance(c, (int, np.integer)) for c in candidates)
-            else _candidate_pairs(candidates)
-        )
-        if t_local % bq == 0 and t_local % bk == 0
-    ]
-    if not pairs:
-        raise ValueError(
-            f"autotune: no candidate in {list(candidates)} divides T_local = {t_local}; add a "
-            f"divisor of {t_local}"
-        )
-    data = DATA if DATA in mesh.axis_names else None
-    spec = jax.sharding.PartitionSpec(data, SEQ)
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    keys = jax.random.split(jax.random.key(seed), 3)
-    q, k, v = (
-        jax.device_put(
-            jax.random.normal(key, (batch, seq_len, num_heads, head_dim), dtype), sharding
-        )
-        for key in keys
-    )
-    table = []
-    for bq, bk in pairs:
-        attn = jax.shard_map(
-            lambda q, k, v, bq=bq, bk=bk: ring_attention(
-                q,
-                k,
-                v,
-                causal=causal,
-                window=window,
-                layout=layout,
-                stripe=stripe,
-                block_q=bq,
-                block_kv=bk,
-            ),
-            mesh=mesh,
-            in_specs=(spec, spec, spec),
-            out_specs=spec,
-        )
-        if backward:
-            fn = jax.jit(
-                jax.grad(
-                    lambda q, k, v, attn=attn: jnp.sum(attn(q, k, v).astype(jnp.float32)),
-                    (0, 1, 2),
-                )
-            )
-        else:
-            fn = jax.jit(attn)
-        jax.block_until_ready(fn(q, k, v))  # compile + warm up, untimed
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(q, k, v))
-            times.append(time.perf_counter() - start)
-        table.append(
-            dict(block_q=bq, block_kv=bk, median_s=statistics.median(times), times_s=times)
-        )
-    best = min(table, key=lambda r: r["median_s"])
-    return AutotuneResult(best["block_q"], best["block_kv"], best["median_s"], table)
 
 
 def _candidate_pairs(candidates) -> list[tuple[int, int]]:
@@ -552,15 +475,9 @@ def _candidate_pairs(candidates) -> list[tuple[int, int]]:
     return [(int(bq), int(bk)) for bq, bk in pairs]
 
 
-def _num_hops(layout: str, stripe: int, window: int | None, t_local: int, n: int) -> int:
-    from ringrl.ring.attention import num_hops  # the kernel's own rule for which hops run
-
-    return int(num_hops(layout, stripe, window, t_local, n))
-
-
 def _max_seq_len(budget, n, bq, bk, layout, stripe, mem_of_tl) -> int:
     """Largest T = n * Tl (Tl a multiple of bq, bk, stripe) with mem_of_tl(Tl) <= budget."""
-    unit = math.lcm(bq, bk, stripe if layout == "striped" else 1)
+    unit = math.lcm(bq, bk, layout_unit(n, layout, stripe) // n)
     # Memory is affine in Tl for fixed blocks: solve from two points, then step down to be safe.
     m1, m2 = mem_of_tl(unit), mem_of_tl(2 * unit)
     if m1 > budget:

@@ -33,13 +33,18 @@ def merge_over_axis(o: jax.Array, lse: jax.Array, axis_name: str):
     """Merges per-device partials `(o, lse)` over a mesh axis (inside shard_map).
 
     Every device contributes a partial over its own keys; the result, identical on every device, is
-    the softmax over all of them.
+    the softmax over all of them. One collective: `(o, lse)` travel packed in a single all_gather
+    (the partials are tiny at decode time, so latency, not bandwidth, is what a collective costs),
+    then every device merges the n partials locally.
     """
-    m = jax.lax.pmax(jnp.where(jnp.isfinite(lse), lse, NEG_INF), axis_name)
+    packed = jnp.concatenate([o, lse[..., None].astype(o.dtype)], axis=-1)
+    every = jax.lax.all_gather(packed, axis_name, to="invarying")  # [n, ..., D + 1]
+    os_, lses = every[..., :-1], every[..., -1]
+    m = jnp.max(lses, axis=0)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m_safe), 0.0)
-    denom = jax.lax.psum(w, axis_name)
-    num = jax.lax.psum(o * w[..., None], axis_name)
+    w = jnp.where(jnp.isfinite(lses), jnp.exp(lses - m_safe), 0.0)
+    denom = w.sum(0)
+    num = (os_ * w[..., None]).sum(0)
     out = jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
     lse_all = jnp.where(denom > 0, m_safe + jnp.log(jnp.where(denom > 0, denom, 1.0)), NEG_INF)
     return out, lse_all

@@ -1,6 +1,7 @@
 """Sharded KV-cache decoding (ring/decode.py) against dense causal attention over the prefix."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ringrl.ring import decode
-from ringrl.ring.layout import local_positions
+from ringrl.ring.layout import local_positions, position_owner
 from ringrl.ring.mesh import DATA, SEQ, make_mesh
 from ringrl.ring.reference import dense_attention
 
@@ -66,6 +67,8 @@ def _decode_all(f, cache, q, k, v, chunk, seg=None):
         (4, "striped", 2, None, 4),
         (8, "contiguous", 1, 5, 2),
         (4, "striped", 1, 3, 1),
+        (8, "zigzag", 1, None, 1),
+        (4, "zigzag", 1, 3, 2),
     ],
 )
 def test_decode_matches_dense_causal(n, layout, stripe, window, chunk):
@@ -119,10 +122,11 @@ def test_decode_segment_ids_and_chunked_kv():
 
 
 def test_position_owner_inverts_local_positions():
-    for n, layout, stripe in [(1, "contiguous", 1), (4, "contiguous", 1), (4, "striped", 3)]:
+    cases = [(1, "contiguous", 1), (4, "contiguous", 1), (4, "striped", 3), (4, "zigzag", 1)]
+    for n, layout, stripe in cases:
         t_max = 24 if stripe == 3 else 16
         tl = t_max // n
-        dev, slot = decode.position_owner(np.arange(t_max), tl, n, layout, stripe)
+        dev, slot = position_owner(np.arange(t_max), tl, n, layout, stripe)
         got = [local_positions(d, n, tl, layout, stripe, xp=np)[s] for d, s in zip(dev, slot)]
         np.testing.assert_array_equal(got, np.arange(t_max))
 
@@ -152,10 +156,10 @@ def test_overflow_errors(capfd):
 
 def test_bad_inputs_raise_clear_errors():
     mesh = _mesh(4)
-    with pytest.raises(ValueError, match="multiple of n \\* stripe"):
+    with pytest.raises(ValueError, match="cache length 10 is not a positive multiple of 4"):
         decode.init_cache(B, 10, H, D, mesh=mesh)
-    with pytest.raises(ValueError, match="layout"):
-        decode.init_cache(B, 8, H, D, layout="zigzag")
+    with pytest.raises(ValueError, match="unknown layout"):
+        decode.init_cache(B, 8, H, D, layout="spiral")
     cache = decode.init_cache(B, 8, H, D)
     q = jnp.zeros((B, 1, H, D + 1))
     with pytest.raises(ValueError, match="not bound"):
@@ -168,3 +172,14 @@ def test_bad_inputs_raise_clear_errors():
             in_specs=(decode.cache_specs(local), P(DATA)),
             out_specs=P(DATA),
         )(local, q)
+
+
+def test_decode_merges_with_one_collective():
+    """The per-device partials (o, lse) are merged with a single all_gather, no all-reduce."""
+    mesh = _mesh(4)
+    cache = decode.init_cache(B, T, H, D, mesh=mesh)
+    f, _ = _stepper(mesh, cache)
+    q, k, v = _qkv(seed=5)
+    hlo = f.lower(cache, q[:, :1], k[:, :1], v[:, :1], None).compile().as_text()
+    ops = re.findall(r" (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(", hlo)
+    assert ops == ["all-gather"], ops

@@ -4,7 +4,6 @@ Memory comes from the compiler (`compile().memory_analysis().temp_size_in_bytes`
 """
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,8 @@ from ringrl.ring import DATA, SEQ, make_mesh
 from ringrl.ring.attention import ring_attention
 from ringrl.ring.ffn import blockwise_ffn, mlp
 
-# Fresh inputs each run; replay a failure with RING_TEST_SEED=<seed printed in the message>.
-SEED = int(os.environ.get("RING_TEST_SEED", time.time_ns() % 2**32))
+# Fixed default seed (printed on failure); set RING_TEST_SEED=<int> to explore other inputs.
+SEED = int(os.environ.get("RING_TEST_SEED", "0"))
 H, D, BLOCK = 2, 16, 64
 
 

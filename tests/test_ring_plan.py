@@ -7,42 +7,73 @@ from jax.sharding import PartitionSpec as P
 
 from ringrl.ring.attention import ring_attention
 from ringrl.ring.mesh import SEQ, make_mesh
-from ringrl.ring.plan import autotune, chunk_work, imbalance_factor, memory_model, plan
+from ringrl.ring.plan import (
+    chunk_work,
+    imbalance_factor,
+    layout_work,
+    memory_model,
+    plan,
+    useful_pairs,
+)
+from ringrl.ring.tune import autotune
 
 HW = dict(flops_per_s=50e9, link_bytes_per_s=10e9)
 
 
-def _contiguous_by_hand(n, m):
+def _contiguous_by_hand(n, m, tl):
     """Contiguous causal, m chunks per shard: device i does i full blocks (m^2 pairs each) and one
-    diagonal block (m(m+1)/2 pairs); the last device is the critical path."""
+    diagonal block (m(m+1)/2 pairs); the last device is the critical path. The ideal is the useful
+    work T(T+1)/2 token pairs spread over n devices."""
     diag = m * (m + 1) // 2
-    critical = (n - 1) * m * m + diag
-    total = n * (n - 1) // 2 * m * m + n * diag
-    return critical * n / total
+    critical = ((n - 1) * m * m + diag) * (tl // m) ** 2
+    t = n * tl
+    return critical / (t * (t + 1) / 2 / n)
 
 
 @pytest.mark.parametrize("n,m", [(2, 1), (2, 4), (4, 2), (8, 4), (8, 1)])
 def test_contiguous_imbalance_matches_hand_count(n, m):
     tl = 64
     got = imbalance_factor(n * tl, n, tl // m, tl // m)
-    assert got == pytest.approx(_contiguous_by_hand(n, m), rel=1e-12)
+    assert got == pytest.approx(_contiguous_by_hand(n, m, tl), rel=1e-12)
 
 
 def test_imbalance_known_values_and_limit():
-    assert imbalance_factor(128, 2, 64, 64) == pytest.approx(4 / 3)  # n=2, one chunk per shard
-    # The issue's bar: authors' contiguous layout at T=16384, n=8, chunk 512 -> 1.85.
-    assert imbalance_factor(16384, 8, 512, 512) == pytest.approx(122 * 8 / 528)
+    # n=2, one chunk per shard: device 1 computes 2 blocks of 64^2 against 128*129/4 useful pairs.
+    assert imbalance_factor(128, 2, 64, 64) == pytest.approx(2 * 64**2 / (128 * 129 / 4))
+    # The authors' contiguous layout at T=16384, n=8, chunk 512: 122 chunk pairs on the last device.
+    assert imbalance_factor(16384, 8, 512, 512) == pytest.approx(
+        122 * 512**2 / (16384 * 16385 / 2 / 8)
+    )
     # Fine chunks approach (2n-1)/n from below.
     assert imbalance_factor(2 * 4096, 2, 16, 16) == pytest.approx(1.5, abs=0.01)
     assert imbalance_factor(8 * 1024, 8, 16, 16) == pytest.approx(15 / 8, abs=0.02)
-    # Non-causal attention is perfectly balanced in any layout.
-    assert imbalance_factor(1024, 8, 32, 32, causal=False) == 1.0
+    # Non-causal attention is perfectly balanced, with no waste, in any layout.
+    for layout in ("contiguous", "striped", "zigzag"):
+        assert imbalance_factor(1024, 8, 32, 32, causal=False, layout=layout) == 1.0
+
+
+def test_layout_work_absolute_units():
+    """The issue's figures (8 devices, chunk 256), in full Tl x Tl block pairs."""
+    assert layout_work(4096, 8, 256, 256, layout="contiguous") == (34.0, 7.75)
+    assert layout_work(4096, 8, 256, 256, layout="striped") == (48.0, 6.0)
+    assert layout_work(16384, 8, 256, 256, layout="contiguous") == (32.5, 7.5625)
+    assert layout_work(16384, 8, 256, 256, layout="striped") == (36.0, 4.5)
+    # Zigzag: contiguous's total; own block 36/64, then 7 hops of exactly half a block.
+    assert layout_work(16384, 8, 256, 256, layout="zigzag") == (32.5, 36 / 64 + 7 * 0.5)
+    ideal = useful_pairs(16384) / 8 / 2048**2
+    assert imbalance_factor(16384, 8, 256, 256, layout="zigzag") <= 1.1
+    assert layout_work(16384, 8, 256, 256, layout="zigzag")[1] <= 1.1 * ideal
+    assert useful_pairs(10, window=3) == 1 + 2 + 3 * 8
+    assert useful_pairs(10, causal=False) == 100
 
 
 @pytest.mark.parametrize("t,n,c,stripe", [(16384, 8, 512, 1), (4096, 4, 64, 1), (8192, 8, 128, 4)])
-def test_striped_is_balanced(t, n, c, stripe):
-    assert imbalance_factor(t, n, c, c, layout="striped", stripe=stripe) <= 1.1
-    assert imbalance_factor(t, n, c, c) > 1.5  # while contiguous is not
+def test_balanced_layouts(t, n, c, stripe):
+    zig = imbalance_factor(t, n, c, c, layout="zigzag")
+    striped = imbalance_factor(t, n, c, c, layout="striped", stripe=stripe)
+    assert zig <= 1.1
+    assert zig <= striped  # striped pays for masked diagonal chunks on every hop
+    assert imbalance_factor(t, n, c, c) > 1.5  # while contiguous is unbalanced
 
 
 def test_chunk_work_counts_pairs_exactly():
@@ -106,9 +137,12 @@ def test_plan_monotone_and_consistent():
     assert sum(memory_model(over, bq, bk, 4, 64, jnp.float32).values()) > base["mem_budget_bytes"]
     bigger = plan(16384, 8, 4, 64, candidates=((bq, bk),), mem_budget_bytes=128 << 20, **HW)
     assert bigger.max_seq_len > p.max_seq_len
-    # The striped layout is balanced, contiguous is not.
-    assert plan(16384, 8, 4, 64, layout="striped", **base).imbalance <= 1.1
+    # The zigzag layout is balanced, contiguous is not; work is reported in absolute units.
+    z = plan(16384, 8, 4, 64, layout="zigzag", **base)
+    assert z.imbalance <= 1.1
     assert p.imbalance > 1.5
+    assert z.work_total == pytest.approx(p.work_total, rel=0.02)
+    assert z.work_critical < p.work_critical
 
 
 def test_compute_to_comm_ratio():
@@ -137,12 +171,12 @@ def test_plan_errors():
         plan(1 << 20, 8, 4, 64, mem_budget_bytes=1 << 20, **HW)
     needed = int(err.value.args[0].split("needs ")[1].split(" bytes")[0])
     plan(1 << 20, 8, 4, 64, mem_budget_bytes=needed, **HW)  # the stated minimum does fit
-    with pytest.raises(ValueError, match="not divisible by 8"):
+    with pytest.raises(ValueError, match="length 1004 is not a positive multiple of 8"):
         plan(1004, 8, 4, 64, mem_budget_bytes=1 << 30, **HW)
     with pytest.raises(ValueError, match="divides T_local"):
         plan(8 * 96, 8, 4, 64, mem_budget_bytes=1 << 30, candidates=(64,), **HW)
-    with pytest.raises(ValueError, match="layout"):
-        plan(1024, 8, 4, 64, mem_budget_bytes=1 << 30, layout="zigzag", **HW)
+    with pytest.raises(ValueError, match="unknown layout"):
+        plan(1024, 8, 4, 64, mem_budget_bytes=1 << 30, layout="spiral", **HW)
     with pytest.raises(ValueError, match="flops_per_s"):
         plan(1024, 8, 4, 64, mem_budget_bytes=1 << 30, flops_per_s=0, link_bytes_per_s=1.0)
 
