@@ -16,6 +16,7 @@ import ml_collections
 
 from ringrl.agents.agent import AGENTS
 from ringrl.agents.checkpoint import KEEP_ALL
+from ringrl.ring.layout import LAYOUTS, layout_unit
 from ringrl.ring.mesh import DATA, SEQ, make_mesh
 
 
@@ -114,15 +115,19 @@ def validate(
             f"config.batch_size={c.batch_size} is not a multiple of the mesh's {DATA!r} axis "
             f"({n_data} devices); use a multiple of {n_data} or change config.mesh"
         )
-    if steps is not None and steps % n_seq:
+    # Steps are permuted into the layout over the seq devices (zigzag: 2 chunks per device).
+    unit = layout_unit(n_seq, m.layout) if m.layout in LAYOUTS else n_seq
+    if steps is not None and steps % unit:
         what = (
             "config.data.context_steps"
             if d.mode == "dt"
             else "config.data.num_trajectories * config.data.horizon"
         )
+        per = f"2 x the mesh's {SEQ!r} axis" if unit != n_seq else f"the mesh's {SEQ!r} axis"
         errors.append(
-            f"{what} = {steps} context steps is not a multiple of the mesh's {SEQ!r} axis "
-            f"({n_seq} devices); make it a multiple of {n_seq} or change config.mesh"
+            f"{what} = {steps} context steps is not a multiple of {per} ({n_seq} devices, "
+            f"layout {m.layout!r}); make it a multiple of {unit} or change config.mesh"
+            + (" or config.model.layout" if unit != n_seq else "")
         )
     if m.attention == "dense" and n_seq != 1:
         errors.append(

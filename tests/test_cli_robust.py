@@ -73,8 +73,8 @@ def test_config_errors_before_anything_is_written(tmp_path):
     assert _errors(proc) == [
         "error: config.batch_size=-4 must be an integer >= 1",
         "error: config.data.num_trajectories * config.data.horizon = 60 context steps is not a "
-        "multiple of the mesh's 'seq' axis (8 devices); make it a multiple of 8 or change "
-        "config.mesh",
+        "multiple of the mesh's 'seq' axis (8 devices, layout 'contiguous'); make it a multiple "
+        "of 8 or change config.mesh",
     ]  # n=3 was kept with smoke: 3 x 20 steps
     assert os.listdir(tmp_path) == []
 

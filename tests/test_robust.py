@@ -77,6 +77,13 @@ def test_validate_mesh_divisibility():
     assert err.startswith("config.data.num_trajectories * config.data.horizon = 40 context steps")
     (err,) = _errors(config, 8, mesh=(("data", 4), ("seq", 4)))
     assert err.startswith("config.mesh=(('data', 4), ('seq', 4)): mesh") and "16 devices" in err
+    # Zigzag puts two chunks on every seq device: 2 trajectories x 22 steps = 44 fit a 4-device
+    # ring in the contiguous layout (44 % 4) but not in zigzag (44 % 8), whose line says so.
+    ring4 = dict(mesh=(("data", 1), ("seq", 4)), data__horizon=22)
+    assert _errors(at_darkroom.get_config("smoke"), 4, model__layout="contiguous", **ring4) == []
+    (err,) = _errors(at_darkroom.get_config("smoke"), 4, model__layout="zigzag", **ring4)
+    assert "44 context steps is not a multiple of 2 x the mesh's 'seq' axis (4 devices, " in err
+    assert "layout 'zigzag'); make it a multiple of 8 or change config.mesh or config.model" in err
     # Every problem at once, one line each.
     errors = _errors(at_darkroom.get_config("smoke"), log_every=0, optim__lr=0.0, batch_size=3)
     assert [e.split("=")[0] for e in errors] == [
