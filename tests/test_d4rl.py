@@ -215,10 +215,12 @@ def test_unknown_env_id(tmp_path):
 
 
 def test_discrete_actions_outside_darkroom():
-    gym = pytest.importorskip("gymnasium")
-    if "ringrl/DarkRoom-v0" not in gym.registry:
-        pytest.skip("envs.darkroom (other helper) does not register ringrl/DarkRoom-v0 yet")
+    import gymnasium as gym
+
+    import ringrl.envs  # noqa: F401 (registers ringrl/DarkRoom-v0)
     from ringrl.envs.datasets import check_spaces
+
+    assert "ringrl/DarkRoom-v0" in gym.registry
 
     tr = Trajectories(
         observations=np.full((4, 2), 4.0),
