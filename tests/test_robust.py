@@ -46,7 +46,7 @@ def test_at_d4rl_default_needs_its_ring():
     assert validate.validate(config, devices=jax.devices()[:4]) == []
     (err,) = validate.validate(config, devices=jax.devices()[:3])
     assert err.startswith("config.data.num_trajectories * config.data.horizon = 2000 context")
-    assert "'seq' axis (3 devices)" in err
+    assert "'seq' axis (3 devices, layout 'striped')" in err
 
 
 @pytest.mark.parametrize(
