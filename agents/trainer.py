@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ringrl.agents.agent import Agent, agent_module, check_eval_context, make_sampler
+from ringrl.agents.agent import Agent, check_config, check_eval_context, make_sampler
 from ringrl.agents.checkpoint import Checkpointer
 from ringrl.agents.evaluation import eval_scalars, evaluate_agent, write_eval
 from ringrl.agents.logging import MetricLogger
@@ -65,7 +65,7 @@ def train_and_evaluate(
         )
     if resume and latest is not None:
         ckpt.check_config(config)
-    agent_module(config)  # an unknown config.data.mode fails before any data is made
+    check_config(config)  # an unknown mode or a bad agent field fails before any data is made
     mesh = make_mesh(config.mesh)
     data = load_data(config, verbose=jax.process_index() == 0)
     check_eval_context(config, data.env_id, config.eval.attempts)

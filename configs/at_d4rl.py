@@ -23,6 +23,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_trajectories = arg.n
     config.data.horizon = 1000  # steps per trajectory slot (MuJoCo time limit)
     config.data.context_steps = 0  # unused by "at" (context = n * horizon)
+    config.data.target = "best"  # target token: the best return of the n (chain of hindsight)
+    config.model.tokens_per_step = 1  # one token per step (s_t, a_{t-1}, r_{t-1}, flags)
+    config.model.slot_embedding = False  # no embedding of the slot (= rank) of a trajectory
+    config.model.reward_scale = 0.3  # Hopper rewards are about 3 per step
     config.model.num_heads = 4
     config.model.layout = "striped"  # balances causal work over the ring
     config.model.remat = "nothing_saveable"  # long contexts: recompute blocks in the backward
