@@ -178,7 +178,8 @@ def evaluate(
       attempts: K, episodes in a row per environment with earlier ones in context.
       seed: environment i of batch j is reset with seed `seed + j * num_envs + i`.
       tasks: task ids passed as `task=` to the env; each entry is evaluated once (in batches of
-        num_envs, the last one padded; repeat an id for several rollouts of a task). None: num_envs environments without a task kwarg.
+        num_envs, the last one padded; repeat an id for several rollouts of a task). None:
+        num_envs environments without a task kwarg.
       env_kwargs: extra `gym.make` kwargs.
       reference: (random, expert) returns for normalization; default: `envs.scores` by
         `score_name` (or env_id), if it has one.

@@ -8,8 +8,9 @@ from ringrl.agents import backbone
 from ringrl.agents.at import TOKENS
 from ringrl.agents.batch import link_previous
 
-AT_TOKENS = TOKENS[4]
 from ringrl.ring.mesh import make_mesh
+
+AT_TOKENS = TOKENS[4]
 
 B, T, S, A = 4, 16, 3, 5
 
