@@ -7,7 +7,6 @@ import pytest
 from ringrl.agents import backbone
 from ringrl.agents.at import TOKENS
 from ringrl.agents.batch import link_previous
-
 from ringrl.ring.mesh import make_mesh
 
 AT_TOKENS = TOKENS[4]
