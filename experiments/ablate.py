@@ -27,7 +27,13 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-ce
 
 def _stats(results: list[dict], key) -> dict[str, float]:
     values = [key(r) for r in results]
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+    se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values)),
+        "se": se,  # standard error over seeds
+        "values": values,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -113,8 +119,8 @@ def main(argv: list[str]) -> None:
         )
     dt = summary([(1, s, "dt") for s in seeds]) if base.ablation.dt_baseline else None
     print(
-        f"held-out return, mean ± std over seeds {tuple(seeds)}; optimal "
-        f"{next(iter(evals.values())).get('reference_optimal')}"
+        f"{base.eval.tasks} goals' return, mean ± standard error over seeds {tuple(seeds)}; "
+        f"optimal {next(iter(evals.values())).get('reference_optimal')}"
     )
     print(
         f"{'agent':>5} {'n':>3}  {'attempt 1':>13}  {'last attempt':>13}  {'best attempt':>13}"
@@ -122,7 +128,7 @@ def main(argv: list[str]) -> None:
     )
     for name, row in [("AT", r) for r in rows] + ([("DT", {"n": 1, **dt})] if dt else []):
         cols = "  ".join(
-            f"{row[c]['mean']:6.2f} ± {row[c]['std']:<4.2f}" for c in ("first", "last", "best")
+            f"{row[c]['mean']:6.2f} ± {row[c]['se']:<4.2f}" for c in ("first", "last", "best")
         )
         split = "  ".join(
             f"{row[c]['mean']:6.2f} (n={row[c]['count']:<4})" if row[c]["count"] else f"{'-':>16}"
@@ -146,7 +152,7 @@ def main(argv: list[str]) -> None:
     png = plots.return_vs_context(
         [{"n": r["n"], **r["last"]} for r in rows],
         os.path.join(root, "return_vs_context.png"),
-        title="DarkRoom held-out goals: last attempt",
+        title=f"DarkRoom {base.eval.tasks} goals: last attempt",
         baseline={"label": "DT (one trajectory)", **dt["last"]} if dt else None,
         metric="return of attempt n",
     )
