@@ -111,11 +111,12 @@ def evaluate_agent(
     seed = config.eval.seed if seed is None else seed
     num_envs = config.eval.num_envs if num_envs is None else num_envs
     num_envs = -(-num_envs // agent.data_size) * agent.data_size  # whole DATA shards
-    groups: dict[float, list[int] | None] = {policy_target(config): tasks}
     if tasks is not None and config.eval.oracle_target:
-        groups = {}
+        groups: dict[float, list[int] | None] = {}
         for t in tasks:
             groups.setdefault(policy_target(config, t), []).append(t)
+    else:
+        groups = {policy_target(config): tasks}
     results = []
     for target, group in groups.items():
         policy = agent.policy(
