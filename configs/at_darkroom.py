@@ -6,7 +6,9 @@ r"""Agentic Transformer on DarkRoom: the in-context demo, and ringrl-train's def
 
 Learning histories of tabular Q-learners on the training goals are generated (and cached under
 data/) on first use. The agent is trained on n return-sorted trajectories of one goal per context
-and evaluated on held-out goals for several attempts in a row, earlier attempts in context.
+(one token per step, no slot embedding, target token 0: nothing tells it where the goal is) and
+evaluated on held-out goals for n attempts in a row, earlier attempts in context: tune on the
+validation goals (--config.eval.tasks=valid), report the test goals (the default).
 """
 
 import ml_collections
