@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.tokens_per_step = 1  # one token per step (s_t, a_{t-1}, r_{t-1}, flags)
     config.model.slot_embedding = False  # no embedding of the slot (= rank) of a trajectory
     config.model.reward_scale = 0.3  # Hopper rewards are about 3 per step
+    config.eval.oracle_target = False  # (in-context tasks only) each task's optimum as target
     config.model.num_heads = 4
     config.model.layout = "striped"  # balances causal work over the ring
     config.model.remat = "nothing_saveable"  # long contexts: recompute blocks in the backward
