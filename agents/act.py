@@ -9,13 +9,16 @@ token -> then (action, reward). Each `Actor.act` call appends the previous step'
 (target return, state), runs them through every layer against that layer's KV cache
 (`ring.decode.append` + `ring.decode.decode_step`: each device attends over its own slice of the
 cache, partial softmaxes merged over SEQ), and returns the action predicted from the state token.
-So every step appends exactly k tokens and costs O(context / n) per device, however long the
-context; earlier attempts simply stay in the cache.
+With one token per step ("step") there are no trailing tokens: the step's single token carries
+the previous step's action, reward and terminated / truncated flags from the actor state, exactly
+as agents.batch.link_previous lays them out in training. So every step appends exactly k tokens
+and costs O(context / n) per device, however long the context; earlier attempts simply stay in
+the cache.
 
 At the very first call there is no previous step: its trailing-token slots are appended as
-padding (segment id 0, invisible to real tokens, as in training). Real tokens have segment id 1,
-or `attempt + 1` with `isolate_attempts=True` (the Decision Transformer, which is trained on one
-trajectory and must not see earlier attempts).
+padding (segment id 0, invisible to real tokens, as in training). Real tokens have segment id 1.
+(The Decision Transformer does not use this cache: agents.dt.WindowActor recomputes its K-step
+window.)
 
 `ActorPolicy` drives an Actor from the evaluation harness (envs.evaluate); what target-return
 token it feeds is the agent's conditioning rule (agents.at / agents.ad: a fixed target;
@@ -79,7 +82,6 @@ class Actor:
       max_steps: steps per environment the context must hold (all attempts together, e.g.
         attempts * max_episode_steps); capacity is k * max_steps tokens rounded up to the mesh.
       windows: per-layer attention windows in tokens for acting (default: the model's).
-      isolate_attempts: hide earlier attempts (segment id = attempt + 1); for DT.
       greedy: argmax / tanh mean (True) or sample from the logits / Gaussian around the mean.
       action_std: std of the Gaussian for non-greedy continuous actions.
     """
@@ -91,7 +93,6 @@ class Actor:
         *,
         max_steps: int,
         windows: tuple[int | None, ...] | None = None,
-        isolate_attempts: bool = False,
         greedy: bool = True,
         action_std: float = 0.1,
     ):
@@ -111,7 +112,6 @@ class Actor:
         if len(windows) != model.num_layers:
             raise ValueError(f"windows needs {model.num_layers} entries, got {len(windows)}")
         self.windows = tuple(windows)
-        self.isolate_attempts = bool(isolate_attempts)
         self.greedy = bool(greedy)
         self.action_std = float(action_std)
         self.n_data = n_data
@@ -239,7 +239,7 @@ class Actor:
         )
 
     def _segment(self, attempt: jax.Array) -> jax.Array:
-        return attempt + 1 if self.isolate_attempts else jnp.ones_like(attempt)
+        return jnp.ones_like(attempt)
 
     def _step_impl(self, params, state: ActorState, obs, target, rng):
         model = self.model
