@@ -9,13 +9,16 @@ token -> then (action, reward). Each `Actor.act` call appends the previous step'
 (target return, state), runs them through every layer against that layer's KV cache
 (`ring.decode.append` + `ring.decode.decode_step`: each device attends over its own slice of the
 cache, partial softmaxes merged over SEQ), and returns the action predicted from the state token.
-So every step appends exactly k tokens and costs O(context / n) per device, however long the
-context; earlier attempts simply stay in the cache.
+With one token per step ("step") there are no trailing tokens: the step's single token carries
+the previous step's action, reward and terminated / truncated flags from the actor state, exactly
+as agents.batch.link_previous lays them out in training. So every step appends exactly k tokens
+and costs O(context / n) per device, however long the context; earlier attempts simply stay in
+the cache.
 
 At the very first call there is no previous step: its trailing-token slots are appended as
-padding (segment id 0, invisible to real tokens, as in training). Real tokens have segment id 1,
-or `attempt + 1` with `isolate_attempts=True` (the Decision Transformer, which is trained on one
-trajectory and must not see earlier attempts).
+padding (segment id 0, invisible to real tokens, as in training). Real tokens have segment id 1.
+(The Decision Transformer does not use this cache: agents.dt.WindowActor recomputes its K-step
+window.)
 
 `ActorPolicy` drives an Actor from the evaluation harness (envs.evaluate); what target-return
 token it feeds is the agent's conditioning rule (agents.at / agents.ad: a fixed target;
@@ -51,7 +54,8 @@ class ActorState:
       t: [B] int32, step within the current attempt.
       prev_action: [B] int32 or [B, A] float32, action of the last step.
       prev_reward: [B] float32, its reward (set by `observe`).
-      prev_done: [B] float32, 1 if that step ended its attempt.
+      prev_terminated: [B] float32, 1 if that step ended its attempt by termination.
+      prev_truncated: [B] float32, 1 if that step ended its attempt by a time limit.
       prev_attempt: [B] int32, attempt of the last step.
       prev_t: [B] int32, timestep of the last step.
       has_prev: [B] bool, a last step exists (False before the first act).
@@ -62,7 +66,8 @@ class ActorState:
     t: jax.Array
     prev_action: jax.Array
     prev_reward: jax.Array
-    prev_done: jax.Array
+    prev_terminated: jax.Array
+    prev_truncated: jax.Array
     prev_attempt: jax.Array
     prev_t: jax.Array
     has_prev: jax.Array
@@ -77,7 +82,6 @@ class Actor:
       max_steps: steps per environment the context must hold (all attempts together, e.g.
         attempts * max_episode_steps); capacity is k * max_steps tokens rounded up to the mesh.
       windows: per-layer attention windows in tokens for acting (default: the model's).
-      isolate_attempts: hide earlier attempts (segment id = attempt + 1); for DT.
       greedy: argmax / tanh mean (True) or sample from the logits / Gaussian around the mean.
       action_std: std of the Gaussian for non-greedy continuous actions.
     """
@@ -89,7 +93,6 @@ class Actor:
         *,
         max_steps: int,
         windows: tuple[int | None, ...] | None = None,
-        isolate_attempts: bool = False,
         greedy: bool = True,
         action_std: float = 0.1,
     ):
@@ -99,7 +102,7 @@ class Actor:
         self.model = model
         self.mesh = mesh
         self.k = model.tokens_per_step
-        self.state_index = list(model.tokens).index("state")
+        self.state_index = model.action_token
         self.leading = tuple(model.tokens[: self.state_index + 1])  # known before acting
         self.trailing = tuple(model.tokens[self.state_index + 1 :])  # known after acting
         self.max_steps = int(max_steps)
@@ -109,7 +112,6 @@ class Actor:
         if len(windows) != model.num_layers:
             raise ValueError(f"windows needs {model.num_layers} entries, got {len(windows)}")
         self.windows = tuple(windows)
-        self.isolate_attempts = bool(isolate_attempts)
         self.greedy = bool(greedy)
         self.action_std = float(action_std)
         self.n_data = n_data
@@ -149,7 +151,8 @@ class Actor:
             t=zeros_i,
             prev_action=prev_action,
             prev_reward=np.zeros((b,), np.float32),
-            prev_done=np.zeros((b,), np.float32),
+            prev_terminated=np.zeros((b,), np.float32),
+            prev_truncated=np.zeros((b,), np.float32),
             prev_attempt=zeros_i,
             prev_t=zeros_i,
             has_prev=np.zeros((b,), bool),
@@ -198,41 +201,64 @@ class Actor:
         return self._step(params, state, obs, target, rng)
 
     def observe(
-        self, state: ActorState, reward: np.ndarray | jax.Array, done: np.ndarray | jax.Array
+        self,
+        state: ActorState,
+        reward: np.ndarray | jax.Array,
+        done: np.ndarray | jax.Array,
+        truncated: np.ndarray | jax.Array | None = None,
     ) -> ActorState:
         """Records the outcome of the last action: reward [B], done [B] (the attempt ended).
 
-        A done environment's next `act` starts the next attempt (timestep 0, trajectory index + 1)
-        with all earlier attempts still in its context.
+        `truncated` [B] says which ends were time limits (None: none were); the others are
+        terminations. The flags reach the model exactly as the samplers write them (agents.batch
+        `terminated` / `truncated`). A done environment's next `act` starts the next attempt
+        (timestep 0, trajectory index + 1) with all earlier attempts still in its context.
         """
+        done = np.asarray(done, bool)
+        truncated = np.zeros_like(done) if truncated is None else np.asarray(truncated, bool) & done
         reward = put_global(np.asarray(reward, np.float32), self._env)
-        done = put_global(np.asarray(done, bool), self._env)
-        return self._observe(state, reward, done)
+        terminated = put_global(done & ~truncated, self._env)
+        truncated = put_global(truncated, self._env)
+        return self._observe(state, reward, terminated, truncated)
 
     def _put_rng(self, rng: jax.Array) -> jax.Array:
         """A key replicated on the mesh (works when the mesh spans several processes)."""
         data = put_global(np.asarray(jax.random.key_data(rng)), self._rep)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng))
 
-    def _observe_impl(self, state: ActorState, reward: jax.Array, done: jax.Array) -> ActorState:
+    def _observe_impl(
+        self, state: ActorState, reward: jax.Array, terminated: jax.Array, truncated: jax.Array
+    ) -> ActorState:
+        done = terminated | truncated
         return state.replace(
             prev_reward=reward,
-            prev_done=done.astype(jnp.float32),
+            prev_terminated=terminated.astype(jnp.float32),
+            prev_truncated=truncated.astype(jnp.float32),
             t=jnp.where(done, 0, state.t + 1),
             attempt=jnp.where(done, state.attempt + 1, state.attempt),
         )
 
     def _segment(self, attempt: jax.Array) -> jax.Array:
-        return attempt + 1 if self.isolate_attempts else jnp.ones_like(attempt)
+        return jnp.ones_like(attempt)
 
     def _step_impl(self, params, state: ActorState, obs, target, rng):
         model = self.model
         prev = {
             "actions": state.prev_action,
             "rewards": state.prev_reward,
-            "done": state.prev_done,
+            "terminated": state.prev_terminated,
+            "truncated": state.prev_truncated,
         }
-        cur = {"observations": obs, "target_returns": target}
+        cur = {
+            "observations": obs,
+            "target_returns": target,
+            # One-token steps carry the previous step's outcome (agents.batch.link_previous).
+            "prev_actions": state.prev_action,
+            "prev_rewards": state.prev_reward,
+            "prev_terminated": state.prev_terminated,
+            "prev_truncated": state.prev_truncated,
+            "has_prev": state.has_prev,
+        }
 
         def body(m, caches, prev, cur, state):
             # Per shard: this device's environments only (state is sharded P(DATA)).
@@ -281,14 +307,24 @@ class Actor:
         return action, pred, new_state
 
     def _select(self, pred: jax.Array, rng: jax.Array) -> jax.Array:
-        if self.model.discrete:
-            if self.greedy:
-                return jnp.argmax(pred, axis=-1).astype(jnp.int32)
-            return jax.random.categorical(rng, pred, axis=-1).astype(jnp.int32)
-        if self.greedy:
-            return pred
-        noise = self.action_std * jax.random.normal(rng, pred.shape, pred.dtype)
-        return jnp.clip(pred + noise, -1.0, 1.0)
+        return select_action(
+            pred, rng, discrete=self.model.discrete, greedy=self.greedy, action_std=self.action_std
+        )
+
+
+def select_action(
+    pred: jax.Array, rng: jax.Array, *, discrete: bool, greedy: bool, action_std: float
+) -> jax.Array:
+    """The action of a prediction [B, A]: argmax / tanh mean (greedy), or a sample from the
+    logits / a Gaussian of std `action_std` around the mean clipped to [-1, 1]."""
+    if discrete:
+        if greedy:
+            return jnp.argmax(pred, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(rng, pred, axis=-1).astype(jnp.int32)
+    if greedy:
+        return pred
+    noise = action_std * jax.random.normal(rng, pred.shape, pred.dtype)
+    return jnp.clip(pred + noise, -1.0, 1.0)
 
 
 # (targets [B], reward [B], done [B], target) -> the target-return tokens of the next step.
@@ -337,10 +373,17 @@ class ActorPolicy:
         action, self.state = self.actor.act(self.params, self.state, observation, self.targets, rng)
         return to_host(action)
 
-    def observe(self, reward: np.ndarray, done: np.ndarray, active: np.ndarray) -> None:
-        """Records each environment's reward and end of attempt; updates the target tokens."""
+    def observe(
+        self,
+        reward: np.ndarray,
+        done: np.ndarray,
+        active: np.ndarray,
+        truncated: np.ndarray | None = None,
+    ) -> None:
+        """Records each environment's reward and end of attempt (`truncated`: which ends were
+        time limits); updates the target tokens."""
         del active
-        self.state = self.actor.observe(self.state, reward, done)
+        self.state = self.actor.observe(self.state, reward, done, truncated)
         self.targets = np.asarray(self.rule(self.targets, reward, done, self.target), np.float32)
 
 

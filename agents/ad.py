@@ -1,6 +1,6 @@
 """Algorithm Distillation (Laskin et al. 2022) on the ring backbone: the whole agent.
 
-Dimension letters: T steps, k = 4 tokens per step (target return, state, action, reward).
+Dimension letters: T steps, k tokens per step (agents.at: model.tokens_per_step, 1 or 4).
 
 AD is the Agentic Transformer's model and actor trained on another context: n *consecutive*
 episodes of one task's learning history, in learning order, so the model imitates the learner's

@@ -18,7 +18,7 @@ import numpy as np
 from ringrl.agents import ad, at, dt, step
 from ringrl.agents.act import Actor, ActorPolicy
 from ringrl.agents.sampler import ContextSampler
-from ringrl.agents.sharding import put_batch
+from ringrl.agents.sharding import put_batch, put_global, replicated
 from ringrl.envs.sources import action_space, env_horizon
 from ringrl.envs.trajectories import Trajectories
 from ringrl.ring.mesh import DATA
@@ -36,6 +36,37 @@ def agent_module(config: ml_collections.ConfigDict) -> ModuleType:
     if mode not in AGENTS:
         raise ValueError(f"config.data.mode={mode!r} is unknown; use one of {tuple(AGENTS)}")
     return AGENTS[mode]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The agent's config fields, checked before any data is made.
+
+    Raises:
+      ValueError: an unknown mode, `model.tokens_per_step` not 1 or 4 (AT/AD), or an unknown
+        `data.target` (AT); one line naming the field.
+    """
+    mode = agent_module(config).MODE
+    if mode in (at.MODE, ad.MODE):
+        at.check_tokens_per_step(config.model.tokens_per_step)
+        at.check_target(config.data.target)
+
+
+def policy_target(config: ml_collections.ConfigDict, task: int | None = None) -> float:
+    """The target-return token the evaluation policy feeds.
+
+    0 for AD and for AT trained with target "none" (no target was ever anything else); otherwise
+    config.eval.target_return, or with config.eval.oracle_target the optimal return of `task`.
+    """
+    mode = agent_module(config).MODE
+    if mode == ad.MODE or (mode == at.MODE and config.data.target == "none"):
+        return 0.0
+    if mode == at.MODE and config.eval.oracle_target:
+        if task is None:
+            raise ValueError("config.eval.oracle_target needs in-context tasks (e.g. darkroom)")
+        from ringrl.envs import darkroom
+
+        return darkroom.optimal_return(config.data.env, task)
+    return float(config.eval.target_return)
 
 
 def check_eval_context(config: ml_collections.ConfigDict, env_id: str, attempts: int) -> None:
@@ -93,8 +124,19 @@ class Agent:
         self._actors: dict[tuple[int, bool], Actor] = {}  # one compile per context size
 
     def init_state(self, rng: jax.Array) -> step.TrainState:
-        """A fresh TrainState, replicated on the mesh."""
-        return step.init_state(self.model, self.config, self.mesh, rng, self.sampler.obs_dim)
+        """A fresh TrainState, replicated on the mesh, its state normaliser set to the mean and
+        std of the training observations (agents.tokens.ObsNorm; the checkpoint keeps them)."""
+        state = step.init_state(self.model, self.config, self.mesh, rng, self.sampler.obs_dim)
+        mean, std = self.sampler.obs_stats()
+        params = dict(state.params)
+        embed = dict(params["embed"])
+        rep = replicated(self.mesh)
+        embed["obs_norm"] = {
+            "mean": put_global(mean.astype(np.float32), rep),
+            "std": put_global(std.astype(np.float32), rep),
+        }
+        params["embed"] = embed
+        return state.replace(params=params)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A host batch placed on the mesh, P(DATA, SEQ)."""

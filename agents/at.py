@@ -1,18 +1,24 @@
 """Agentic Transformer (chain of hindsight, Liu & Abbeel 2023) on the ring backbone: whole agent.
 
-Dimension letters: B batch or environments, T steps, k = 4 tokens per step (target return,
-state, action, reward).
+Dimension letters: B batch or environments, T steps, k tokens per step: `tokens_per_step` = 1
+(one vector of s_t, a_{t-1}, r_{t-1}, the flags of step t-1 and the target; AMAGO / AD style) or
+4 (target return, state, action, reward as separate tokens).
 
 * Model (`make_model`, shared with agents.ad): n whole trajectories per context, each in a slot of
-  `horizon` steps: T = n * horizon steps, n * horizon * 4 tokens — the context knob the ablations
-  turn (the Ring Attention paper used 128 x 1000 x 4). The loss is on every action.
-* Sampler (`SlotSampler`): n trajectories of one task sorted by ascending return, every step's
-  target relabelled to the best return among the n; a completion flag marks the last step of each
-  trajectory that really ended. Longer episodes are cut to the slot, shorter ones padded.
+  `horizon` steps: T = n * horizon steps, n * horizon * k tokens — the context knob the ablations
+  turn (the Ring Attention paper used 128 x 1000 x 4). The loss is on every action. No slot
+  embedding by default: slot j of a training context holds the j-th worst of n trajectories, so
+  an embedding of j lets the model play at rank j instead of reading the earlier attempts.
+* Sampler (`SlotSampler`): n trajectories of one task sorted by ascending return; the target
+  token is the rule `target`: "none" (0 everywhere: no per-task hint) or "best" (every step
+  relabelled to the best return among the n, chain of hindsight; on DarkRoom this is the goal's
+  optimum 21 - distance in most contexts, i.e. a hint of where the goal is). The last step of
+  every slot is flagged `terminated` (the env ended it) or `truncated` (time limit, end of the
+  data, or cut at the slot), which is what the evaluation env reports at the same steps.
 * Actor (`make_actor`): attempts in a row, every earlier attempt kept in the cached context,
   attempt j taking trajectory slot j.
 * Conditioning (`make_policy`): the same target return at every step (`act.fixed_target`), as in
-  training, where every step's target is the best return of the context.
+  training (0 for target "none").
 * Evaluation contexts (`check_eval_context`): at most n attempts, episodes no longer than a slot.
 """
 
@@ -29,26 +35,55 @@ from ringrl.agents.backbone import Backbone
 from ringrl.agents.sampler import ContextSampler
 
 MODE = "at"
-TOKENS = ("return", "state", "action", "reward")
+TOKENS = {1: ("step",), 4: ("return", "state", "action", "reward")}  # by model.tokens_per_step
+TARGETS = ("none", "best")  # config.data.target: the sampler's target-token rule
+
+
+def check_tokens_per_step(tokens_per_step: int) -> None:
+    """Raises ValueError unless tokens_per_step is 1 or 4."""
+    if tokens_per_step not in TOKENS:
+        raise ValueError(
+            f"config.model.tokens_per_step={tokens_per_step!r} is not supported; use 1 (one token "
+            "per step: s_t, a_{t-1}, r_{t-1}, flags) or 4 (return, state, action, reward)"
+        )
+
+
+def check_target(target: str) -> None:
+    """Raises ValueError unless `target` is a known target-token rule."""
+    if target not in TARGETS:
+        raise ValueError(f"config.data.target={target!r} is unknown; use one of {TARGETS}")
 
 
 def make_model(
-    *, action_dim: int, discrete: bool, num_trajectories: int, horizon: int, **model_kwargs: Any
+    *,
+    action_dim: int,
+    discrete: bool,
+    num_trajectories: int,
+    horizon: int,
+    tokens_per_step: int = 1,
+    **model_kwargs: Any,
 ) -> Backbone:
-    """The AT/AD Backbone: tokens (return, state, action, reward), one slot per trajectory.
+    """The AT/AD Backbone: `TOKENS[tokens_per_step]` per step, one slot per trajectory.
 
     Args:
       action_dim: number of discrete actions, or the continuous action size.
       discrete: cross-entropy (True) or tanh + MSE (False) actions.
       num_trajectories: n, trajectories per context (size of the trajectory-index table).
       horizon: steps per trajectory slot (size of the timestep table).
+      tokens_per_step: 1 or 4 (see the module docstring).
       **model_kwargs: Backbone fields (embed_dim, num_layers, num_heads, mlp_ratio, windows,
-        ffn_chunk, remat, attention, layout, block_q, block_kv, return_scale), e.g. config.model.
+        ffn_chunk, remat, attention, layout, block_q, block_kv, return_scale, reward_scale,
+        slot_embedding), e.g. config.model.
+
+    Raises:
+      ValueError: tokens_per_step not 1 or 4.
     """
+    check_tokens_per_step(tokens_per_step)
+    model_kwargs.setdefault("slot_embedding", False)
     return Backbone(
         action_dim=int(action_dim),
         discrete=bool(discrete),
-        tokens=TOKENS,
+        tokens=TOKENS[tokens_per_step],
         max_timestep=int(horizon),
         max_trajectories=int(num_trajectories),
         **dict(model_kwargs),
@@ -71,14 +106,15 @@ class SlotSampler(ContextSampler):
 
     Trajectory j fills steps [j * horizon, j * horizon + its length), so T = n * horizon. Which
     episodes and which target tokens is the agent's rule: here (AT) n random episodes of the
-    task, sorted by ascending return, all targets the best of their returns; agents.ad overrides
-    `episodes` and `target`.
+    task, sorted by ascending return, targets by `target`; agents.ad overrides `episodes` and
+    `order_and_target`.
 
     Args:
       trajectories: an `envs.trajectories.Trajectories`.
       num_trajectories: n.
       horizon: steps per slot; longer episodes are truncated (default: the longest episode).
       seed: seed of the numpy generator.
+      target: "none" (every target token 0) or "best" (the best return of the n).
     """
 
     def __init__(
@@ -88,8 +124,11 @@ class SlotSampler(ContextSampler):
         num_trajectories: int,
         horizon: int | None = None,
         seed: int = 0,
+        target: str = "none",
     ):
         super().__init__(trajectories, seed=seed)
+        check_target(target)
+        self.target = target
         if num_trajectories < 1:
             raise ValueError(f"num_trajectories must be >= 1, got {num_trajectories}")
         self.num_trajectories = int(num_trajectories)
@@ -109,8 +148,9 @@ class SlotSampler(ContextSampler):
         return self._rng.choice(group, size=n, replace=len(group) < n)
 
     def order_and_target(self, episodes: np.ndarray, returns: np.ndarray) -> tuple[Any, float]:
-        """Chain of hindsight: slot order by ascending return, target the best of the n."""
-        return np.argsort(returns, kind="stable"), float(returns.max())
+        """Chain of hindsight: slot order by ascending return; target the best of the n or 0."""
+        target = float(returns.max()) if self.target == "best" else 0.0
+        return np.argsort(returns, kind="stable"), target
 
     def fill(self, out: dict[str, np.ndarray], i: int) -> None:
         """n episodes of a random task, each in its slot, with the rule's order and target."""
@@ -126,23 +166,40 @@ class SlotSampler(ContextSampler):
             self.copy_steps(out, i, o, s, int(ln))
             out["target_returns"][i, o : o + ln] = target
             out["traj_index"][i, o : o + h] = j
-            # Completion flag: the episode really ended within the slot (not cut by the horizon).
-            if ln == self._lengths[e]:
-                out["done"][i, o + ln - 1] = 1.0
+            # Every slot ends flagged: terminated where the env ended the episode, otherwise
+            # truncated (a time limit, the end of the data, or the cut at the slot).
+            last = o + ln - 1
+            out["truncated"][i, last] = 1.0 - out["terminated"][i, last]
 
 
 def make_sampler(
-    trajectories: Any, *, num_trajectories: int, horizon: int | None, seed: int
+    trajectories: Any,
+    *,
+    num_trajectories: int,
+    horizon: int | None,
+    seed: int,
+    target: str = "none",
 ) -> SlotSampler:
-    """The AT sampler: n return-sorted trajectories of one task, targets relabelled."""
-    return SlotSampler(trajectories, num_trajectories=num_trajectories, horizon=horizon, seed=seed)
+    """The AT sampler: n return-sorted trajectories of one task, targets by `target`."""
+    return SlotSampler(
+        trajectories,
+        num_trajectories=num_trajectories,
+        horizon=horizon,
+        seed=seed,
+        target=target,
+    )
 
 
 def sampler_for(trajectories: Any, config: ml_collections.ConfigDict, *, seed: int) -> SlotSampler:
-    """`make_sampler` of a config (n = config.data.num_trajectories, slot config.data.horizon)."""
+    """`make_sampler` of a config (n = config.data.num_trajectories, slot config.data.horizon,
+    target rule config.data.target)."""
     d = config.data
     return make_sampler(
-        trajectories, num_trajectories=d.num_trajectories, horizon=d.horizon, seed=seed
+        trajectories,
+        num_trajectories=d.num_trajectories,
+        horizon=d.horizon,
+        seed=seed,
+        target=d.target,
     )
 
 

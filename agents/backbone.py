@@ -168,7 +168,9 @@ class Backbone(nn.Module):
       block_q, block_kv: ring attention inner blocks (None: its default).
       max_timestep: timestep-embedding rows (timesteps must be < this).
       max_trajectories: trajectory-index rows (context slots / attempts must be < this).
-      return_scale: multiplies target returns and rewards before embedding.
+      return_scale: multiplies target returns before embedding.
+      reward_scale: multiplies rewards before embedding.
+      slot_embedding: embed each step's trajectory index (slot in the context).
     """
 
     action_dim: int
@@ -188,6 +190,8 @@ class Backbone(nn.Module):
     max_timestep: int = 1024
     max_trajectories: int = 64
     return_scale: float = 1.0
+    reward_scale: float = 1.0
+    slot_embedding: bool = True
 
     def setup(self):
         check_tokens(tuple(self.tokens))
@@ -206,6 +210,8 @@ class Backbone(nn.Module):
             self.max_timestep,
             self.max_trajectories,
             self.return_scale,
+            self.reward_scale,
+            self.slot_embedding,
         )
         block = Block
         if self.remat != "none":
@@ -234,6 +240,12 @@ class Backbone(nn.Module):
         return len(self.tokens)
 
     @property
+    def action_token(self) -> int:
+        """Index within a step of the token the action is predicted from ("state" or "step")."""
+        tokens = list(self.tokens)
+        return tokens.index("step") if "step" in tokens else tokens.index("state")
+
+    @property
     def layer_windows(self) -> tuple[int | None, ...]:
         if self.windows is None:
             return (None,) * self.num_layers
@@ -256,7 +268,7 @@ class Backbone(nn.Module):
         for blk in self.blocks:
             x = blk(x, segment_ids)
         b, lt, w = x.shape
-        h = x.reshape(b, lt // k, k, w)[:, :, list(self.tokens).index("state")]
+        h = x.reshape(b, lt // k, k, w)[:, :, self.action_token]
         return self.predict(h)
 
 

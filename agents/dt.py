@@ -11,7 +11,12 @@ Dimension letters: B batch or environments, K steps per window, k = 3 tokens per
 * Sampler (`WindowSampler`): one K-step window of one trajectory, drawn in proportion to episode
   length; the target token is the return-to-go (undiscounted sum of the episode's remaining
   rewards).
-* Actor (`make_actor`): each attempt is its own context (`isolate_attempts`): DT is not an
+* Actor (`make_actor`, `WindowActor`): at every step the backbone runs over the last K steps of
+  the current attempt only, laid out exactly as a training window (timesteps from the window's
+  first step, padding after the current step). A KV cache cannot do this: cached keys of a
+  deeper layer were computed from windows that reach further back, so at t > K a cached actor
+  sees more than the K steps training used, and its window can begin with a stale action token.
+  K steps of 3 tokens per call are cheap. Each attempt is its own context: DT is not an
   in-context learner across episodes.
 * Conditioning (`return_to_go`, `make_policy`): the first step of an attempt gets the desired
   return; every later step gets it minus the rewards collected so far in the attempt.
@@ -24,12 +29,16 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ringrl.agents.act import Actor, ActorPolicy, check_episodes_fit
+from ringrl.agents import backbone
+from ringrl.agents.act import ActorPolicy, check_episodes_fit, select_action
 from ringrl.agents.backbone import Backbone
+from ringrl.agents.batch import zeros
 from ringrl.agents.sampler import ContextSampler
+from ringrl.agents.sharding import put_batch, to_host
 
 MODE = "dt"
 TOKENS = ("return", "state", "action")
@@ -54,6 +63,9 @@ def make_model(
         sliding window of 3 * K tokens per layer.
     """
     kwargs = dict(model_kwargs)
+    # DT always has its three tokens; a shared config's AT field (e.g. the ablation's DT cell,
+    # built from the AT config) does not apply.
+    kwargs.pop("tokens_per_step", None)
     num_layers = int(kwargs.get("num_layers", Backbone.num_layers))
     if kwargs.get("windows") is None:
         kwargs["windows"] = (len(TOKENS) * int(context_steps),) * num_layers
@@ -109,8 +121,8 @@ class WindowSampler(ContextSampler):
         episode_end = int(self._starts[e]) + length
         rtg = self._cum[episode_end] - self._cum[s : s + ln]
         out["target_returns"][i, :ln] = rtg.astype(np.float32)
-        if offset + ln == length:
-            out["done"][i, ln - 1] = 1.0
+        if offset + ln == length:  # the episode's own end: terminated, else truncated
+            out["truncated"][i, ln - 1] = 1.0 - out["terminated"][i, ln - 1]
 
 
 def make_sampler(trajectories: Any, *, context_steps: int, seed: int) -> WindowSampler:
@@ -134,6 +146,109 @@ def sampler_for(
     return make_sampler(trajectories, context_steps=config.data.context_steps, seed=seed)
 
 
+class WindowActor:
+    """DT acting on exactly the window training used: the last K steps of the current attempt.
+
+    Same interface as agents.act.Actor (reset / act / act_with_prediction / observe), so
+    `ActorPolicy` drives it. Its state is a host batch of agents.batch arrays [B, K, ...] plus the
+    step `t` within the attempt and the number of filled steps.
+
+    Args:
+      model: the DT Backbone.
+      mesh: (DATA, SEQ) mesh; environments split over DATA (K must divide over SEQ).
+      context_steps: K.
+      greedy: argmax / tanh mean, or sample.
+      action_std: std of the Gaussian for non-greedy continuous actions.
+    """
+
+    def __init__(
+        self,
+        model: Backbone,
+        mesh: jax.sharding.Mesh,
+        *,
+        context_steps: int,
+        greedy: bool = True,
+        action_std: float = 0.1,
+    ) -> None:
+        self.model, self.mesh, self.k = model, mesh, int(context_steps)
+        self.n_data = backbone.mesh_sizes(mesh)[0]
+        self.greedy, self.action_std = bool(greedy), float(action_std)
+
+        def step(params, window, index, rng):
+            pred = backbone.forward(model, params, window, mesh)  # [B, K, A]
+            pred = jnp.take_along_axis(pred, index[:, None, None], axis=1)[:, 0]
+            action = select_action(
+                pred, rng, discrete=model.discrete, greedy=self.greedy, action_std=self.action_std
+            )
+            return action, pred
+
+        self._step = jax.jit(step)
+        self._default_rng = jax.random.key(0)
+
+    def reset(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Empty windows for `batch_size` environments (a multiple of the DATA axis size)."""
+        if batch_size % self.n_data:
+            raise ValueError(
+                f"{batch_size} environments do not split over the mesh's data axis of size "
+                f"{self.n_data}; use a multiple of it"
+            )
+        m = self.model
+        state = zeros(batch_size, self.k, 1, action_dim=m.action_dim, discrete=m.discrete)
+        state["observations"] = None  # sized by the first observation
+        state["t"] = np.zeros(batch_size, np.int32)  # step within the attempt
+        state["filled"] = np.zeros(batch_size, np.int32)  # steps of the attempt in the window
+        return state
+
+    def act(self, params, state, observation, target_return, rng=None):
+        """Like agents.act.Actor.act: (action [B] or [B, A], new state)."""
+        action, _, state = self.act_with_prediction(params, state, observation, target_return, rng)
+        return action, state
+
+    def act_with_prediction(self, params, state, observation, target_return, rng=None):
+        """Appends this step (state, return-to-go) to each window, dropping the oldest step of a
+        full one, and predicts from it: (action, prediction [B, A], new state)."""
+        obs = np.asarray(observation, np.float32)
+        b = len(obs)
+        if state["observations"] is None:
+            state["observations"] = np.zeros((b, self.k, obs.shape[-1]), np.float32)
+        full = state["filled"] == self.k
+        window_keys = [k for k in state if k not in ("t", "filled")]
+        for key in window_keys:  # full windows slide by one step
+            state[key][full] = np.roll(state[key][full], -1, axis=1)
+            state[key][full, -1] = 0
+        index = np.minimum(state["filled"], self.k - 1)
+        rows = np.arange(b)
+        state["observations"][rows, index] = obs
+        state["target_returns"][rows, index] = np.asarray(target_return, np.float32)
+        state["timesteps"][rows, index] = state["t"]
+        state["mask"][rows, index] = True
+        state["filled"] = index + 1
+        window = {k: state[k] for k in window_keys}
+        action, pred = self._step(
+            params,
+            put_batch(window, self.mesh),
+            jnp.asarray(index, jnp.int32),
+            self._default_rng if rng is None else rng,
+        )
+        state["actions"][rows, index] = to_host(action)
+        return action, pred, state
+
+    def observe(self, state, reward, done, truncated=None):
+        """Records the last step's reward; a done environment starts an empty window."""
+        done = np.asarray(done, bool)
+        rows, index = np.arange(len(done)), state["filled"] - 1
+        state["rewards"][rows, index] = np.asarray(reward, np.float32)
+        trunc = np.zeros_like(done) if truncated is None else np.asarray(truncated, bool) & done
+        state["terminated"][rows, index] = done & ~trunc
+        state["truncated"][rows, index] = trunc
+        for key in state:
+            if key not in ("t", "filled"):
+                state[key][done] = 0
+        state["filled"] = np.where(done, 0, state["filled"])
+        state["t"] = np.where(done, 0, state["t"] + 1)
+        return state
+
+
 def make_actor(
     model: Backbone,
     mesh: jax.sharding.Mesh,
@@ -141,15 +256,19 @@ def make_actor(
     attempts: int,
     horizon: int,
     greedy: bool = True,
-) -> Actor:
-    """Cached DT actor for `attempts` episodes of at most `horizon` steps, each its own context.
+) -> WindowActor:
+    """DT actor for `attempts` episodes of at most `horizon` steps, each its own context.
 
-    Feed it the return-to-go (`return_to_go`, or `make_policy` does it).
+    K is the model's window in steps (`make_model` sets every layer's window to 3 * K tokens);
+    a model without windows attends over the whole attempt (K = horizon). Feed it the
+    return-to-go (`return_to_go`, or `make_policy` does it).
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     check_episodes_fit("the evaluation env", horizon, model.max_timestep)
-    return Actor(model, mesh, max_steps=attempts * horizon, isolate_attempts=True, greedy=greedy)
+    windows = [w for w in model.layer_windows if w is not None]
+    k = max(windows) // len(TOKENS) if windows else int(horizon)
+    return WindowActor(model, mesh, context_steps=k, greedy=greedy)
 
 
 def return_to_go(
@@ -166,7 +285,7 @@ def return_to_go(
     return np.where(done, target, targets - reward).astype(np.float32)
 
 
-def make_policy(actor: Actor, params: Any, *, target_return: float, seed: int) -> ActorPolicy:
+def make_policy(actor: WindowActor, params: Any, *, target_return: float, seed: int) -> ActorPolicy:
     """Evaluation policy: `target_return` at each attempt's start, then the return-to-go."""
     return ActorPolicy(actor, params, target=target_return, rule=return_to_go, seed=seed)
 

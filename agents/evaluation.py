@@ -19,11 +19,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from ringrl.agents.agent import Agent, check_eval_context, make_sampler
+from ringrl.agents.agent import (
+    Agent,
+    check_config,
+    check_eval_context,
+    make_sampler,
+    policy_target,
+)
 from ringrl.agents.checkpoint import Checkpointer
 from ringrl.agents.workdir import check_workdir
 from ringrl.envs import darkroom
-from ringrl.envs.evaluate import check_env_id, evaluate
+from ringrl.envs.evaluate import check_env_id, evaluate, summarize
 from ringrl.envs.sources import Data, load_data
 from ringrl.ring.mesh import make_mesh
 
@@ -33,13 +39,42 @@ def env_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"max_episode_steps": int(config.eval.max_steps)} if config.eval.max_steps > 0 else {}
 
 
+EVAL_TASKS = ("test", "valid", "heldout", "train")  # config.eval.tasks
+
+
+def task_sets(config: ml_collections.ConfigDict, data: Data) -> dict[str, list[int]]:
+    """The goal sets of an in-context task: train, heldout, and the held-out goals split into
+    valid (config.data.num_valid_tasks of them, for tuning) and test (the rest, for reporting).
+
+    The split is a fixed permutation of the held-out goals (seeded by config.data.split_seed), so
+    it never changes with the evaluation settings.
+    """
+    heldout = list(data.heldout_tasks)
+    n_valid = int(config.data.num_valid_tasks)
+    if not 0 <= n_valid < len(heldout):
+        raise ValueError(
+            f"config.data.num_valid_tasks={n_valid} must be in [0, {len(heldout)}) (the held-out "
+            "goals are split into validation and test goals); lower it or raise num_heldout_tasks"
+        )
+    order = np.random.default_rng(int(config.data.split_seed) + 1).permutation(len(heldout))
+    valid = sorted(heldout[i] for i in order[:n_valid])
+    test = sorted(heldout[i] for i in order[n_valid:])
+    return {"train": list(data.train_tasks), "heldout": heldout, "valid": valid, "test": test}
+
+
 def eval_tasks(config: ml_collections.ConfigDict, data: Data) -> list[int] | None:
-    """The task ids to evaluate on (None for single-task envs)."""
+    """The goals of config.eval.tasks, each config.eval.rollouts_per_task times (None for
+    single-task envs)."""
     if data.heldout_tasks is None:
         return None
-    if config.eval.tasks not in ("heldout", "train"):
-        raise ValueError(f"config.eval.tasks must be 'heldout' or 'train', got {config.eval.tasks}")
-    return data.heldout_tasks if config.eval.tasks == "heldout" else data.train_tasks
+    if config.eval.tasks not in EVAL_TASKS:
+        raise ValueError(f"config.eval.tasks must be one of {EVAL_TASKS}, got {config.eval.tasks}")
+    if config.eval.rollouts_per_task < 1:
+        raise ValueError(
+            f"config.eval.rollouts_per_task must be >= 1, got {config.eval.rollouts_per_task}"
+        )
+    tasks = task_sets(config, data)[config.eval.tasks]
+    return [t for t in tasks for _ in range(int(config.eval.rollouts_per_task))]
 
 
 def eval_reference(config: ml_collections.ConfigDict, data: Data) -> tuple[float, float] | None:
@@ -50,6 +85,7 @@ def eval_reference(config: ml_collections.ConfigDict, data: Data) -> tuple[float
     from ringrl.envs.generate import random_return
 
     name = darkroom.canonical_name(data.env_id)
+    tasks = sorted(set(tasks))
     optimal = float(np.mean([darkroom.optimal_return(name, t) for t in tasks]))
     return random_return(name, tasks, seed=0), optimal
 
@@ -64,7 +100,11 @@ def evaluate_agent(
     num_envs: int | None = None,
     seed: int | None = None,
 ) -> dict[str, Any]:
-    """Runs the agent in `data.env_id` for K attempts per environment (see envs.evaluate)."""
+    """Runs the agent in `data.env_id` for K attempts per environment (see envs.evaluate).
+
+    The target token is `agents.agent.policy_target`; with config.eval.oracle_target the goals
+    are evaluated in groups of equal optimal return, each with that return as its target.
+    """
     attempts = config.eval.attempts if attempts is None else attempts
     check_eval_context(config, data.env_id, attempts)
     tasks = eval_tasks(config, data)
@@ -72,24 +112,41 @@ def evaluate_agent(
     seed = config.eval.seed if seed is None else seed
     num_envs = config.eval.num_envs if num_envs is None else num_envs
     num_envs = -(-num_envs // agent.data_size) * agent.data_size  # whole DATA shards
-    policy = agent.policy(
-        params,
-        attempts=attempts,
-        target_return=config.eval.target_return,
-        sample=config.eval.sample,
-        seed=seed,
-    )
-    result = evaluate(
-        policy,
-        data.env_id,
-        num_envs=num_envs,
-        attempts=attempts,
-        seed=seed,
-        tasks=tasks,
-        env_kwargs=env_kwargs(config),
-        reference=reference,
-        score_name=data.score_name,
-    )
+    if tasks is not None and config.eval.oracle_target:
+        groups: dict[float, list[int] | None] = {}
+        for t in tasks:
+            groups.setdefault(policy_target(config, t), []).append(t)
+    else:
+        groups = {policy_target(config): tasks}
+    results = []
+    for target, group in groups.items():
+        policy = agent.policy(
+            params, attempts=attempts, target_return=target, sample=config.eval.sample, seed=seed
+        )
+        results.append(
+            evaluate(
+                policy,
+                data.env_id,
+                num_envs=num_envs,
+                attempts=attempts,
+                seed=seed,
+                tasks=group,
+                env_kwargs=env_kwargs(config),
+                reference=reference,
+                score_name=data.score_name,
+            )
+        )
+    result = results[0]
+    if len(results) > 1:
+        result = summarize(
+            np.concatenate([r["returns"] for r in results]),
+            np.concatenate([r["lengths"] for r in results]),
+            [t for r in results for t in r["tasks"]],
+            reference=reference,
+            score_name=data.score_name,
+        )
+        result["env_id"] = data.env_id
+        result["steps_per_second"] = float(np.mean([r["steps_per_second"] for r in results]))
     if reference is not None:
         result["reference_random"], result["reference_optimal"] = reference
     return result
@@ -100,9 +157,13 @@ def eval_scalars(result: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, mean in enumerate(result["return_mean"]):
         out[f"eval/return_attempt{k + 1}"] = mean
+    for k, se in enumerate(result["return_se"]):
+        out[f"eval/return_se_attempt{k + 1}"] = se
     for key in (
         "best_attempt_return_mean",
+        "best_attempt_return_se",
         "last_attempt_return_mean",
+        "last_attempt_return_se",
         "normalized_best_attempt_return_mean",
         "normalized_last_attempt_return_mean",
     ):
@@ -161,6 +222,7 @@ def evaluate_checkpoint(
         attempts = stored.eval.attempts if attempts is None else attempts
         if stored.eval.env_id:
             check_env_id(stored.eval.env_id)
+        check_config(stored)
         mesh = make_mesh(stored.mesh)
         data = load_data(stored, verbose=False)
         check_eval_context(stored, data.env_id, attempts)

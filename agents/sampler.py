@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ringrl.agents.batch import zeros
+from ringrl.agents.batch import link_previous, zeros
 
 
 class ContextSampler:
@@ -62,6 +62,8 @@ class ContextSampler:
         self.discrete = actions.ndim == 1
         self._actions = actions.astype(np.int32) if self.discrete else actions.astype(np.float32)
         self._obs = np.asarray(trajectories.observations, dtype=np.float32)
+        self._terminals = np.asarray(trajectories.terminals, dtype=bool)
+        self._timeouts = np.asarray(trajectories.timeouts, dtype=bool)
         # Group episodes by task (learning order preserved); no task ids -> one group.
         task_id = getattr(trajectories, "task_id", None)
         if task_id is None:
@@ -120,6 +122,7 @@ class ContextSampler:
         )
         for i in range(int(batch_size)):
             self.fill(out, i)
+        link_previous(out)
         self._num_batches += 1
         return out
 
@@ -141,3 +144,12 @@ class ContextSampler:
         out["rewards"][i, o : o + ln] = self._rewards[s : s + ln]
         out["timesteps"][i, o : o + ln] = np.arange(first_timestep, first_timestep + ln)
         out["mask"][i, o : o + ln] = True
+        out["terminated"][i, o : o + ln] = self._terminals[s : s + ln]
+        out["truncated"][i, o : o + ln] = self._timeouts[s : s + ln]
+
+    def obs_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) [S] of the training observations; std floored at 1e-6 (constant features).
+
+        The model normalises states with them (agents.tokens.ObsNorm); the checkpoint keeps them.
+        """
+        return self._obs.mean(axis=0), np.maximum(self._obs.std(axis=0), 1e-6)

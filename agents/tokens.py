@@ -3,15 +3,21 @@
 Dimension letters: B batch, T steps, k tokens per step, W embedding width, S obs dim, A action dim.
 
 A step contributes `k` tokens in a fixed order, e.g. ("return", "state", "action", "reward") for
-the Agentic Transformer (agents.at.TOKENS) and ("return", "state", "action") for the Decision
+the Agentic Transformer with four tokens per step (agents.at.TOKENS[4]), ("step",) for one token
+per step (agents.at.TOKENS[1]: s_t, a_{t-1}, r_{t-1} and the flags of step t-1 and the target
+summed into one vector, AMAGO / AD style) and ("return", "state", "action") for the Decision
 Transformer (agents.dt.TOKENS). The features are the arrays of agents.batch. Token j of
 step t sits at position `t * k + j`. Every token gets its type's embedding of its own feature plus
-the embeddings of the step's timestep-within-trajectory and trajectory index (its slot in the
-context), so no absolute-position embedding is needed and sequences can be sharded anywhere
-between steps.
+the embedding of the step's timestep-within-trajectory and, if `slot_embedding`, of its trajectory
+index (its slot in the context), so no absolute-position embedding is needed and sequences can be
+sharded anywhere between steps.
 
-The action is predicted from the output of the "state" token (it has seen target return and state
-of its step and everything before, but not the action itself).
+Scales: states are normalised by the training data's mean and std (`ObsNorm`, parameters that the
+optimizer never changes and the checkpoint keeps), rewards are multiplied by `reward_scale` and
+target returns by `return_scale`; each should bring its feature near 1.
+
+The action is predicted from the output of the "state" (or "step") token: it has seen the target
+return and state of its step and everything before, but not the action itself.
 """
 
 from __future__ import annotations
@@ -20,17 +26,35 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-TOKEN_TYPES = ("return", "state", "action", "reward")  # an agent's tokens: agents.at/dt.TOKENS
+TOKEN_TYPES = ("return", "state", "action", "reward", "step")  # agents.at/dt.TOKENS use them
 
 
 def check_tokens(tokens: tuple[str, ...]) -> None:
-    """Raises ValueError unless `tokens` is an ordered subset with state before action."""
-    if any(t not in TOKEN_TYPES for t in tokens) or len(set(tokens)) != len(tokens):
-        raise ValueError(f"tokens {tokens} must be distinct names from {TOKEN_TYPES}")
+    """Raises ValueError unless `tokens` is ("step",) or an ordered subset with state before
+    action."""
+    if tuple(tokens) == ("step",):
+        return
+    if any(t not in TOKEN_TYPES[:4] for t in tokens) or len(set(tokens)) != len(tokens):
+        raise ValueError(f"tokens {tokens} must be ('step',) or distinct names from {TOKEN_TYPES}")
     if "state" not in tokens or "action" not in tokens:
         raise ValueError(f"tokens {tokens} need 'state' and 'action'")
     if tokens.index("state") > tokens.index("action"):
         raise ValueError(f"tokens {tokens}: 'state' must come before 'action'")
+
+
+class ObsNorm(nn.Module):
+    """(s - mean) / std with the training data's statistics, held as parameters.
+
+    They are set once from the data (agents.agent.Agent.init_state) and sit behind a stop-gradient,
+    so their gradient is zero and AdamW (no decay on vectors) leaves them exactly as set; being
+    parameters, every checkpoint carries them to evaluation.
+    """
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        mean = self.param("mean", nn.initializers.zeros, (obs.shape[-1],))
+        std = self.param("std", nn.initializers.ones, (obs.shape[-1],))
+        return (obs - jax.lax.stop_gradient(mean)) / jax.lax.stop_gradient(std)
 
 
 class TokenEmbed(nn.Module):
@@ -42,7 +66,9 @@ class TokenEmbed(nn.Module):
       discrete: discrete (int) actions use a lookup table, continuous ones a linear map.
       max_timestep: size of the timestep table; larger timesteps are clipped to the last row.
       max_trajectories: size of the trajectory-index table; larger indices are clipped.
-      return_scale: target returns and rewards are multiplied by it before embedding.
+      return_scale: target returns are multiplied by it before embedding.
+      reward_scale: rewards are multiplied by it before embedding.
+      slot_embedding: add an embedding of the trajectory index (slot) of each step.
     """
 
     embed_dim: int
@@ -51,39 +77,73 @@ class TokenEmbed(nn.Module):
     max_timestep: int
     max_trajectories: int
     return_scale: float = 1.0
+    reward_scale: float = 1.0
+    slot_embedding: bool = True
 
     def setup(self):
         init = nn.initializers.normal(0.02)
+        self.obs_norm = ObsNorm(name="obs_norm")
         self.return_in = nn.Dense(self.embed_dim, name="return_in")
         self.state_in = nn.Dense(self.embed_dim, name="state_in")
         if self.discrete:
-            self.action_in = nn.Embed(self.action_dim, self.embed_dim, embedding_init=init)
+            # One extra row: "no previous action" (the first step of a one-token context).
+            self.action_in = nn.Embed(self.action_dim + 1, self.embed_dim, embedding_init=init)
         else:
             self.action_in = nn.Dense(self.embed_dim, name="action_in")
-        self.reward_in = nn.Dense(self.embed_dim, name="reward_in")  # (reward, done flag)
+        # (reward, terminated, truncated [, has_prev]) of a step.
+        self.reward_in = nn.Dense(self.embed_dim, name="reward_in")
         self.time_in = nn.Embed(self.max_timestep, self.embed_dim, embedding_init=init)
-        self.traj_in = nn.Embed(self.max_trajectories, self.embed_dim, embedding_init=init)
+        if self.slot_embedding:
+            self.traj_in = nn.Embed(self.max_trajectories, self.embed_dim, embedding_init=init)
+
+    def _action(self, a: jax.Array, present: jax.Array | None = None) -> jax.Array:
+        if self.discrete:
+            a = a.astype(jnp.int32)
+            return self.action_in(a if present is None else jnp.where(present, a, self.action_dim))
+        return self.action_in(a if present is None else a * present[..., None])
+
+    def _outcome(self, r: jax.Array, term: jax.Array, trunc: jax.Array, *extra) -> jax.Array:
+        r = r * self.reward_scale
+        return self.reward_in(
+            jnp.stack([r, term.astype(r.dtype), trunc.astype(r.dtype), *extra], -1)
+        )
 
     def token(self, kind: str, features: dict[str, jax.Array]) -> jax.Array:
         """Embeds one token type for every step: [..., W] (without time / trajectory terms)."""
         if kind == "return":
             return self.return_in(features["target_returns"][..., None] * self.return_scale)
         if kind == "state":
-            return self.state_in(features["observations"])
+            return self.state_in(self.obs_norm(features["observations"]))
         if kind == "action":
-            a = features["actions"]
-            return self.action_in(a.astype(jnp.int32)) if self.discrete else self.action_in(a)
+            return self._action(features["actions"])
         if kind == "reward":
-            r = features["rewards"] * self.return_scale
-            x = jnp.stack([r, features["done"].astype(r.dtype)], axis=-1)
-            return self.reward_in(x)
+            f = features
+            return self._outcome(f["rewards"], f["terminated"], f["truncated"])
+        if kind == "step":  # s_t, a_{t-1}, (r_{t-1}, flags_{t-1}, has_prev) and the target
+            f = features
+            present = f["has_prev"]
+            outcome = self._outcome(
+                f["prev_rewards"],
+                f["prev_terminated"],
+                f["prev_truncated"],
+                present.astype(jnp.float32),
+            )
+            return (
+                self.token("state", f)
+                + self.token("return", f)
+                + self._action(f["prev_actions"], present)
+                + outcome
+            )
         raise ValueError(f"unknown token type {kind!r}")
 
     def position(self, timesteps: jax.Array, traj_index: jax.Array) -> jax.Array:
-        """Timestep + trajectory-index embedding [..., W] of each step."""
+        """Timestep (+ trajectory-index, if `slot_embedding`) embedding [..., W] of each step."""
         t = jnp.clip(timesteps, 0, self.max_timestep - 1)
-        j = jnp.clip(traj_index, 0, self.max_trajectories - 1)
-        return self.time_in(t) + self.traj_in(j)
+        pos = self.time_in(t)
+        if self.slot_embedding:
+            j = jnp.clip(traj_index, 0, self.max_trajectories - 1)
+            pos = pos + self.traj_in(j)
+        return pos
 
     def __call__(self, batch: dict[str, jax.Array], tokens: tuple[str, ...]) -> jax.Array:
         """Interleaves the tokens of every step: [B, T, ...] features -> [B, T * k, W]."""

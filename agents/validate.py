@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from ringrl.agents.agent import AGENTS
+from ringrl.agents.agent import AGENTS, check_config
 from ringrl.agents.checkpoint import KEEP_ALL
 from ringrl.ring.layout import LAYOUTS, layout_unit
 from ringrl.ring.mesh import DATA, SEQ, make_mesh
@@ -83,6 +83,11 @@ def validate(
         _int_at_least(errors, "data.num_trajectories", d.num_trajectories, 1)
         if isinstance(d.num_trajectories, int) and isinstance(d.horizon, int):
             steps = d.num_trajectories * d.horizon if d.num_trajectories >= 1 else None
+    if d.mode in AGENTS:
+        try:  # the agent's own fields (tokens per step, target rule), the same check as eval's
+            check_config(c)
+        except ValueError as err:
+            errors.append(str(err))
 
     m = c.model
     for field in ("embed_dim", "num_layers", "num_heads", "mlp_ratio"):

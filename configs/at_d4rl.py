@@ -23,6 +23,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_trajectories = arg.n
     config.data.horizon = 1000  # steps per trajectory slot (MuJoCo time limit)
     config.data.context_steps = 0  # unused by "at" (context = n * horizon)
+    config.data.target = "best"  # target token: the best return of the n (chain of hindsight)
+    config.model.tokens_per_step = 1  # one token per step (s_t, a_{t-1}, r_{t-1}, flags)
+    config.model.slot_embedding = False  # no embedding of the slot (= rank) of a trajectory
+    config.model.reward_scale = 0.3  # Hopper rewards are about 3 per step
+    config.eval.oracle_target = False  # (in-context tasks only) each task's optimum as target
     config.model.num_heads = 4
     # Balances causal work over the ring. Zigzag would do it at contiguous's total work, but it
     # needs n * horizon divisible by 2 x the seq devices (n = 1: 1000 steps on 8 devices is not).

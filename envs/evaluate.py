@@ -37,8 +37,11 @@ class Policy(Protocol):
     def act(self, observation: np.ndarray, active: np.ndarray) -> np.ndarray:
         """Actions [B] (discrete) or [B, A] for observations [B, S]; `active` [B] bool."""
 
-    def observe(self, reward: np.ndarray, done: np.ndarray, active: np.ndarray) -> None:
-        """The outcome of the last action: reward [B], done [B] (the attempt ended)."""
+    def observe(
+        self, reward: np.ndarray, done: np.ndarray, active: np.ndarray, truncated: np.ndarray
+    ) -> None:
+        """The outcome of the last action: reward [B], done [B] (the attempt ended), truncated
+        [B] (it ended by a time limit, not a termination)."""
 
 
 class RandomPolicy:
@@ -63,7 +66,9 @@ class RandomPolicy:
             space.dtype
         )
 
-    def observe(self, reward: np.ndarray, done: np.ndarray, active: np.ndarray) -> None:
+    def observe(
+        self, reward: np.ndarray, done: np.ndarray, active: np.ndarray, truncated: np.ndarray
+    ) -> None:
         pass
 
 
@@ -115,7 +120,9 @@ def _run_batch(
             action = np.clip(action, space.low, space.high).astype(space.dtype)
         observation, reward, terminated, truncated, _ = vec.step(action)
         done = terminated | truncated
-        policy.observe(np.asarray(reward, np.float32), done.copy(), active.copy())
+        policy.observe(
+            np.asarray(reward, np.float32), done.copy(), active.copy(), truncated & ~terminated
+        )
         episode_return += np.where(active, reward, 0.0)
         episode_length += active
         for i in np.flatnonzero(done & active):
@@ -170,18 +177,17 @@ def evaluate(
       num_envs: environments stepped together (the policy's batch size B).
       attempts: K, episodes in a row per environment with earlier ones in context.
       seed: environment i of batch j is reset with seed `seed + j * num_envs + i`.
-      tasks: task ids passed as `task=` to the env; each task is evaluated once (in batches of
-        num_envs, the last one padded). None: num_envs environments without a task kwarg.
+      tasks: task ids passed as `task=` to the env; each entry is evaluated once (in batches of
+        num_envs, the last one padded; repeat an id for several rollouts of a task). None:
+        num_envs environments without a task kwarg.
       env_kwargs: extra `gym.make` kwargs.
       reference: (random, expert) returns for normalization; default: `envs.scores` by
         `score_name` (or env_id), if it has one.
       score_name: dataset/env name to look the reference up under.
 
     Returns:
-      dict with per-attempt lists `return_mean`, `return_std`, `length_mean` (length K),
-      `best_attempt_return_mean/std` (each env's best attempt), `last_attempt_return_mean/std`,
-      the same with `normalized_` prefix when a reference exists (else None), raw `returns` and
-      `lengths` [E][K], `tasks`, `num_episodes` (E per attempt), `steps_per_second`.
+      `summarize`'s statistics (means, stds and standard errors per attempt, of the best and of
+      the last attempt, raw returns [E][K]) plus `env_id` and `steps_per_second`.
 
     Raises:
       ValueError: unknown env id, or num_envs/attempts < 1.
@@ -210,48 +216,84 @@ def evaluate(
     returns = np.concatenate(all_returns)
     lengths = np.concatenate(all_lengths)
     elapsed = time.perf_counter() - start
+    out = summarize(
+        returns, lengths, task_list, reference=reference, score_name=score_name or env_id
+    )
+    out["env_id"] = env_id
+    out["steps_per_second"] = steps / max(elapsed, 1e-9)
+    return out
 
+
+def _standard_error(values: np.ndarray, tasks: Sequence[int | None]) -> np.ndarray:
+    """Standard error of the mean over axis 0 of values [E, ...].
+
+    With task ids, the rollouts of one task are not independent (same goal), so the error is
+    that of the mean of the per-task means (tasks weigh equally, as in the mean when every task
+    has the same number of rollouts); without, that of the E episodes.
+    """
+    if any(t is not None for t in tasks):
+        ids = np.asarray([-1 if t is None else t for t in tasks])
+        values = np.stack([values[ids == t].mean(axis=0) for t in np.unique(ids)])
+    n = len(values)
+    if n < 2:
+        return np.zeros(values.shape[1:])
+    return values.std(axis=0, ddof=1) / np.sqrt(n)
+
+
+def summarize(
+    returns: np.ndarray,
+    lengths: np.ndarray,
+    tasks: Sequence[int | None],
+    *,
+    reference: tuple[float, float] | None = None,
+    score_name: str = "",
+) -> dict[str, Any]:
+    """Statistics of returns and lengths [E, K] of E episodes (environments) x K attempts.
+
+    Returns:
+      dict with per-attempt lists `return_mean`, `return_std`, `return_se` (standard error, see
+      `_standard_error`), `length_mean`; `best_attempt_return_mean/std/se` (each environment's
+      best attempt, the AT paper's protocol) and `last_attempt_return_mean/std/se`; the same with
+      a `normalized_` prefix when a reference exists (else None); raw `returns` and `lengths`,
+      `tasks`, `attempts`, `num_episodes` (E per attempt).
+    """
+    returns, lengths = np.asarray(returns, np.float64), np.asarray(lengths)
+    tasks = list(tasks)
     out: dict[str, Any] = {
-        "env_id": env_id,
-        "attempts": attempts,
+        "attempts": int(returns.shape[1]),
         "num_episodes": len(returns),
-        "tasks": [None if t is None else int(t) for t in task_list],
+        "tasks": [None if t is None else int(t) for t in tasks],
         "returns": returns.tolist(),
         "lengths": lengths.tolist(),
-        "steps_per_second": steps / max(elapsed, 1e-9),
     }
-    normalized = _normalize(returns, reference, score_name or env_id)
+    normalized = _normalize(returns, reference, score_name)
     for prefix, values in (("", returns), ("normalized_", normalized)):
+        for key in ("return", "best_attempt_return", "last_attempt_return"):
+            for stat in ("mean", "std", "se"):
+                out[f"{prefix}{key}_{stat}"] = None
         if values is None:
-            for key in (
-                "return_mean",
-                "return_std",
-                "best_attempt_return_mean",
-                "best_attempt_return_std",
-                "last_attempt_return_mean",
-                "last_attempt_return_std",
-            ):
-                out[prefix + key] = None
             continue
-        best, last = values.max(axis=1), values[:, -1]
+        for key, v in (("best_attempt_", values.max(axis=1)), ("last_attempt_", values[:, -1])):
+            out[prefix + key + "return_mean"] = float(v.mean())
+            out[prefix + key + "return_std"] = float(v.std())
+            out[prefix + key + "return_se"] = float(_standard_error(v, tasks))
         out[prefix + "return_mean"] = values.mean(axis=0).tolist()
         out[prefix + "return_std"] = values.std(axis=0).tolist()
-        out[prefix + "best_attempt_return_mean"] = float(best.mean())
-        out[prefix + "best_attempt_return_std"] = float(best.std())
-        out[prefix + "last_attempt_return_mean"] = float(last.mean())
-        out[prefix + "last_attempt_return_std"] = float(last.std())
+        out[prefix + "return_se"] = _standard_error(values, tasks).tolist()
     out["length_mean"] = lengths.mean(axis=0).tolist()
     return out
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of mean ± std return (and normalized score) per attempt."""
+    """A plain-text table of mean ± standard error return (and normalized score) per attempt."""
     norm = result.get("normalized_return_mean")
-    header = f"{'attempt':>7}  {'return':>16}  {'length':>7}" + ("  normalized" if norm else "")
+    header = f"{'attempt':>7}  {'return ± se':>16}  {'length':>7}" + (
+        "  normalized" if norm else ""
+    )
     lines = [header]
     for k in range(result["attempts"]):
         row = (
-            f"{k + 1:>7}  {result['return_mean'][k]:>8.2f} ± {result['return_std'][k]:<5.2f}  "
+            f"{k + 1:>7}  {result['return_mean'][k]:>8.2f} ± {result['return_se'][k]:<5.2f}  "
             f"{result['length_mean'][k]:>7.1f}"
         )
         if norm:
@@ -259,9 +301,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(row)
     lines.append(
         f"best attempt {result['best_attempt_return_mean']:.2f} ± "
-        f"{result['best_attempt_return_std']:.2f}; last attempt "
-        f"{result['last_attempt_return_mean']:.2f} ± {result['last_attempt_return_std']:.2f} "
-        f"({result['num_episodes']} episodes per attempt)"
+        f"{result['best_attempt_return_se']:.2f}; last attempt "
+        f"{result['last_attempt_return_mean']:.2f} ± {result['last_attempt_return_se']:.2f} "
+        f"(mean ± standard error; {result['num_episodes']} episodes per attempt)"
     )
     return "\n".join(lines)
 

@@ -27,7 +27,13 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-ce
 
 def _stats(results: list[dict], key) -> dict[str, float]:
     values = [key(r) for r in results]
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+    se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values)),
+        "se": se,  # standard error over seeds
+        "values": values,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -85,17 +91,22 @@ def main(argv: list[str]) -> None:
         }
 
     def data_curve(n: int) -> tuple[float, list[float]]:
-        """Over 1024 sampled contexts of the training goals: the mean relabelled target (the
-        best of the n draws) and the mean return of the trajectory in each slot (ascending: slot
-        k holds the k-th worst of the n draws)."""
+        """Over 1024 sampled contexts of the training goals: the mean best of the n draws and
+        the mean return of the trajectory in each slot (ascending: slot k holds the k-th worst of
+        the n draws)."""
         config = ablation_context.cell(base, n, 0)
         trajectories = load_data(config, verbose=False).trajectories
         batch = make_sampler(config, trajectories, seed=0).sample(1024)
-        slot_returns = [
-            (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1).mean()
-            for k in range(n)
-        ]
-        return float(batch["target_returns"][:, 0].mean()), [float(r) for r in slot_returns]
+        per_context = np.stack(
+            [
+                (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1)
+                for k in range(n)
+            ]
+        )  # [n, contexts]
+        # The best of the n (the relabelled target with data.target="best"; computed from the
+        # returns, since the default target token is 0).
+        best = float(per_context.max(axis=0).mean())
+        return best, [float(r) for r in per_context.mean(axis=1)]
 
     seeds = base.ablation.seeds
     rows = []
@@ -113,8 +124,8 @@ def main(argv: list[str]) -> None:
         )
     dt = summary([(1, s, "dt") for s in seeds]) if base.ablation.dt_baseline else None
     print(
-        f"held-out return, mean ± std over seeds {tuple(seeds)}; optimal "
-        f"{next(iter(evals.values())).get('reference_optimal')}"
+        f"{base.eval.tasks} goals' return, mean ± standard error over seeds {tuple(seeds)}; "
+        f"optimal {next(iter(evals.values())).get('reference_optimal')}"
     )
     print(
         f"{'agent':>5} {'n':>3}  {'attempt 1':>13}  {'last attempt':>13}  {'best attempt':>13}"
@@ -122,7 +133,7 @@ def main(argv: list[str]) -> None:
     )
     for name, row in [("AT", r) for r in rows] + ([("DT", {"n": 1, **dt})] if dt else []):
         cols = "  ".join(
-            f"{row[c]['mean']:6.2f} ± {row[c]['std']:<4.2f}" for c in ("first", "last", "best")
+            f"{row[c]['mean']:6.2f} ± {row[c]['se']:<4.2f}" for c in ("first", "last", "best")
         )
         split = "  ".join(
             f"{row[c]['mean']:6.2f} (n={row[c]['count']:<4})" if row[c]["count"] else f"{'-':>16}"
@@ -146,7 +157,7 @@ def main(argv: list[str]) -> None:
     png = plots.return_vs_context(
         [{"n": r["n"], **r["last"]} for r in rows],
         os.path.join(root, "return_vs_context.png"),
-        title="DarkRoom held-out goals: last attempt",
+        title=f"DarkRoom {base.eval.tasks} goals: last attempt",
         baseline={"label": "DT (one trajectory)", **dt["last"]} if dt else None,
         metric="return of attempt n",
     )

@@ -39,6 +39,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ringrl.agents import act, at, backbone, sharding  # noqa: E402
+from ringrl.agents import batch as batch_schema  # noqa: E402
 from ringrl.agents.step import init_state, make_train_step  # noqa: E402
 from ringrl.ring.mesh import DATA, SEQ, make_mesh  # noqa: E402
 
@@ -52,23 +53,26 @@ def model_for(tokens: int, attention: str, layout: str) -> backbone.Backbone:
     return at.make_model(
         action_dim=ACTIONS, discrete=False, num_trajectories=n, horizon=HORIZON,
         embed_dim=128, num_layers=3, num_heads=4, ffn_chunk=512, remat="nothing_saveable",
-        attention=attention, layout=layout,
+        attention=attention, layout=layout, tokens_per_step=4,  # the README table's layout
     )  # fmt: skip
 
 
 def random_batch(steps: int, batch_size: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     b, t = batch_size, steps
-    return dict(
+    out = batch_schema.zeros(b, t, OBS_DIM, action_dim=ACTIONS, discrete=False)
+    out.update(
         observations=rng.normal(size=(b, t, OBS_DIM)).astype(np.float32),
         actions=rng.uniform(-1, 1, (b, t, ACTIONS)).astype(np.float32),
         rewards=rng.normal(size=(b, t)).astype(np.float32),
         target_returns=rng.normal(size=(b, t)).astype(np.float32),
         timesteps=np.tile(np.arange(t) % HORIZON, (b, 1)).astype(np.int32),
         traj_index=np.tile(np.arange(t) // HORIZON, (b, 1)).astype(np.int32),
-        done=np.tile(np.arange(t) % HORIZON == HORIZON - 1, (b, 1)).astype(np.float32),
+        truncated=np.tile(np.arange(t) % HORIZON == HORIZON - 1, (b, 1)).astype(np.float32),
         mask=np.ones((b, t), bool),
     )
+    batch_schema.link_previous(out)
+    return out
 
 
 def config(num_steps: int) -> ml_collections.ConfigDict:

@@ -20,7 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory with checkpoints/
 _ATTEMPTS = flags.DEFINE_integer("attempts", None, "attempts per env (default: config.eval)")
 _NUM_ENVS = flags.DEFINE_integer("num_envs", None, "envs acting together (default: config.eval)")
 _SEED = flags.DEFINE_integer("seed", None, "environment seed (default: config.eval.seed)")
-_TASKS = flags.DEFINE_enum("tasks", None, ["heldout", "train"], "in-context goals to evaluate on")
+_TASKS = flags.DEFINE_enum(
+    "tasks", None, ["test", "valid", "heldout", "train"], "in-context goals to evaluate on"
+)
 _ENV_ID = flags.DEFINE_string("env_id", None, "Gymnasium id to act in (default: the data's env)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         tag = (
             f"{config.eval.tasks}_k{result['attempts']}_s{config.eval.seed}"
-            f"_r{config.eval.target_return:g}"
+            f"_r{'oracle' if config.eval.oracle_target else f'{config.eval.target_return:g}'}"
         )
         path = write_eval(_WORKDIR.value, result, f"eval_{tag}.json")
         png = plots.returns_by_attempt(

@@ -36,10 +36,11 @@ def returns_by_attempt(
     reference: float | None = None,
     reference_label: str = "optimal",
 ) -> str:
-    """Mean ± std return per attempt, one line per labelled evaluation result.
+    """Mean return per attempt with a standard-error band, one line per labelled result.
 
     Args:
-      results: label -> `envs.evaluate.evaluate(...)` result (uses return_mean/return_std).
+      results: label -> `envs.evaluate.evaluate(...)` result (uses return_mean/return_se; results
+        written before standard errors existed fall back to return_std).
       path: PNG file to write.
       title: figure title.
       reference: a return to draw as a dashed line (e.g. the mean optimal return of the tasks).
@@ -50,7 +51,8 @@ def returns_by_attempt(
     """
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, result in results.items():
-        mean, std = np.asarray(result["return_mean"]), np.asarray(result["return_std"])
+        mean = np.asarray(result["return_mean"])
+        std = np.asarray(result.get("return_se") or result["return_std"])
         x = np.arange(1, len(mean) + 1)
         (line,) = ax.plot(x, mean, marker="o", label=f"{label} ({result['num_episodes']} episodes)")
         if len(x) == 1:  # one attempt: an error bar, a band would have no width
@@ -59,7 +61,7 @@ def returns_by_attempt(
     if reference is not None:
         ax.axhline(reference, ls="--", c="gray", label=reference_label)
     ax.set_xlabel("attempt (earlier attempts in context)")
-    ax.set_ylabel("return (mean ± std over episodes)")
+    ax.set_ylabel("return (mean ± standard error)")
     ax.set_xticks(np.arange(1, max(len(r["return_mean"]) for r in results.values()) + 1))
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -75,13 +77,13 @@ def return_vs_context(
     baseline: Mapping[str, Any] | None = None,
     metric: str = "return",
 ) -> str:
-    """Mean ± std (over seeds) of a return metric against n, trajectories in context.
+    """Mean ± standard error (over seeds) of a return metric against n, trajectories in context.
 
     Args:
-      rows: one per n, each with keys "n", "mean", "std".
+      rows: one per n, each with keys "n", "mean", "se".
       path: PNG file to write.
       title: figure title.
-      baseline: optional {"label", "mean", "std"} drawn as a horizontal band (e.g. DT).
+      baseline: optional {"label", "mean", "se"} drawn as a horizontal band (e.g. DT).
       metric: y-axis label.
 
     Returns:
@@ -90,20 +92,20 @@ def return_vs_context(
     fig, ax = plt.subplots(figsize=(5, 3.5))
     n = np.array([r["n"] for r in rows])
     mean = np.array([r["mean"] for r in rows])
-    std = np.array([r["std"] for r in rows])
+    std = np.array([r["se"] for r in rows])
     ax.errorbar(n, mean, yerr=std, marker="o", capsize=4, label="AT, n trajectories in context")
     if baseline is not None:
         ax.axhline(baseline["mean"], ls="--", c="C1", label=baseline["label"])
         ax.axhspan(
-            baseline["mean"] - baseline["std"],
-            baseline["mean"] + baseline["std"],
+            baseline["mean"] - baseline["se"],
+            baseline["mean"] + baseline["se"],
             color="C1",
             alpha=0.15,
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(n, [str(v) for v in n])
     ax.set_xlabel("trajectories in context (n)")
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.set_ylabel(f"{metric} (mean ± standard error)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

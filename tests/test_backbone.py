@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from ringrl.agents import backbone
-from ringrl.agents.at import TOKENS as AT_TOKENS
+from ringrl.agents.at import TOKENS
+from ringrl.agents.batch import link_previous
 from ringrl.ring.mesh import make_mesh
+
+AT_TOKENS = TOKENS[4]
 
 B, T, S, A = 4, 16, 3, 5
 
@@ -37,16 +40,23 @@ def random_batch(seed=0, discrete=True):
     actions = rng.integers(0, A, (B, T)).astype(np.int32)
     if not discrete:
         actions = rng.uniform(-1, 1, (B, T, A)).astype(np.float32)
-    return dict(
+    batch = dict(
         observations=rng.normal(size=(B, T, S)).astype(np.float32),
         actions=actions,
         rewards=rng.normal(size=(B, T)).astype(np.float32),
         target_returns=rng.normal(size=(B, T)).astype(np.float32),
         timesteps=rng.integers(0, 8, (B, T)).astype(np.int32),
         traj_index=rng.integers(0, 4, (B, T)).astype(np.int32),
-        done=(rng.random((B, T)) < 0.2).astype(np.float32),
+        terminated=(rng.random((B, T)) < 0.1).astype(np.float32),
+        truncated=(rng.random((B, T)) < 0.1).astype(np.float32),
         mask=rng.random((B, T)) < 0.75,
+        prev_actions=np.zeros_like(actions),
+        has_prev=np.zeros((B, T), bool),
+        **{k: np.zeros((B, T), np.float32) for k in ("prev_rewards", "prev_terminated")},
+        prev_truncated=np.zeros((B, T), np.float32),
     )
+    link_previous(batch)
+    return batch
 
 
 @pytest.fixture(scope="module")

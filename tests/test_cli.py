@@ -65,6 +65,17 @@ def test_train_bad_input(smoke_workdir, tmp_path, monkeypatch, capsys):
         unknown.data.dir = str(tmp_path / "data")
     with pytest.raises(ValueError, match=r"config.data.mode='xx' is unknown; use one of \('at', "):
         train_and_evaluate(unknown, tmp_path / "b")
+    for field, value, message in (
+        ("model.tokens_per_step", 3, r"config.model.tokens_per_step=3 is not supported; use 1 "),
+        ("data.target", "oracle", r"config.data.target='oracle' is unknown; use one of "),
+    ):
+        bad = at_darkroom.get_config("smoke")
+        with bad.unlocked():
+            group, name = field.split(".")
+            bad[group][name] = value
+            bad.data.dir = str(tmp_path / "data")
+        with pytest.raises(ValueError, match=message):
+            train_and_evaluate(bad, tmp_path / "c")
     assert not os.path.exists(tmp_path / "data")  # refused before generating data
 
 

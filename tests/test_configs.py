@@ -55,6 +55,37 @@ def _smoke(config, tmp_path):
     return result
 
 
+def test_state_normalisation_lives_in_the_checkpoint(tmp_path):
+    """The state statistics are set from the data, untouched by training, saved with the params
+    and restored from the checkpoint (not recomputed) when ringrl-eval rebuilds the agent."""
+    import jax
+
+    from ringrl.agents.agent import Agent, make_sampler
+    from ringrl.agents.checkpoint import Checkpointer
+    from ringrl.envs.sources import load_data
+    from ringrl.ring.mesh import make_mesh
+
+    config = at_darkroom.get_config("smoke")
+    _smoke(config, tmp_path)
+    data = load_data(config, verbose=False)
+    sampler = make_sampler(config, data.trajectories, seed=0)
+    mean, std = sampler.obs_stats()
+    assert np.all(np.abs(std - 1) > 0.1)  # DarkRoom (x, y): a normalisation that matters
+    agent = Agent(config, sampler, make_mesh(config.mesh), data.env_id)
+    target = agent.init_state(jax.random.key(0))
+    params = dict(target.params)
+    params["embed"] = {
+        **params["embed"],
+        "obs_norm": jax.tree.map(jax.numpy.zeros_like, params["embed"]["obs_norm"]),
+    }
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    state, _ = ckpt.restore(target.replace(params=params))
+    ckpt.close()
+    norm = jax.device_get(state.params["embed"]["obs_norm"])
+    np.testing.assert_allclose(norm["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(norm["std"], std, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "get_config, arg",
     [

@@ -33,7 +33,7 @@ class _MemoryPolicy:
         self.prediction = np.clip(observation.astype(int) + MOVES[actions], 0, SIZE - 1)
         return actions
 
-    def observe(self, reward, done, active):
+    def observe(self, reward, done, active, truncated):
         for i in np.flatnonzero(reward > 0):
             self.seen[i] = tuple(self.prediction[i])
         for i in np.flatnonzero(done):

@@ -40,9 +40,10 @@ def slot_returns(batch, i, n, h):
     return r.reshape(n, h).sum(1)
 
 
-def test_at_packing(data):
+@pytest.mark.parametrize("target", ["best", "none"])
+def test_at_packing(data, target):
     n, h = 3, 5  # some episodes (length 6) are longer than the slot: truncated
-    sampler = at.make_sampler(data, num_trajectories=n, horizon=h, seed=1)
+    sampler = at.make_sampler(data, num_trajectories=n, horizon=h, seed=1, target=target)
     batch = sampler.sample(16)
     assert batch["observations"].shape == (16, n * h, 3)
     assert batch["actions"].shape == (16, n * h) and batch["actions"].dtype == np.int32
@@ -52,7 +53,9 @@ def test_at_packing(data):
         returns = slot_returns(batch, i, n, h)
         assert np.all(np.diff(returns) >= -1e-6), "slots must be sorted by ascending return"
         assert len(set(obs[mask, 0].tolist())) == 1, "all trajectories of one task"
-        np.testing.assert_allclose(batch["target_returns"][i][mask], returns.max(), rtol=1e-6)
+        want = returns.max() if target == "best" else 0.0  # "none": no per-task hint
+        np.testing.assert_allclose(batch["target_returns"][i][mask], want, rtol=1e-6)
+        previous = None  # (step index, action) of the last real step of the previous slot
         for j in range(n):
             sl = slice(j * h, (j + 1) * h)
             m, e = mask[sl], int(obs[sl][0, 1])
@@ -61,11 +64,22 @@ def test_at_packing(data):
             np.testing.assert_array_equal(batch["timesteps"][i, sl][:used], np.arange(used))
             np.testing.assert_array_equal(obs[sl][:used, 2], np.arange(used))  # first steps
             assert np.all(batch["traj_index"][i, sl] == j)
-            done = batch["done"][i, sl]
-            expect = np.zeros(h)
-            if lengths[e] <= h:  # really ended inside the slot
-                expect[used - 1] = 1
-            np.testing.assert_array_equal(done, expect)
+            # Every slot's last step is flagged: terminated if the episode really ended inside
+            # the slot, truncated if the slot cut it (what evaluation reports at that step).
+            terminated, truncated = np.zeros(h), np.zeros(h)
+            (terminated if lengths[e] <= h else truncated)[used - 1] = 1
+            np.testing.assert_array_equal(batch["terminated"][i, sl], terminated)
+            np.testing.assert_array_equal(batch["truncated"][i, sl], truncated)
+            # One-token steps see the previous real step, across the slot boundary.
+            a = batch["actions"][i, sl][:used]
+            assert batch["has_prev"][i, j * h] == (j > 0)
+            if previous is not None:
+                assert batch["prev_actions"][i, j * h] == previous
+            np.testing.assert_array_equal(batch["prev_actions"][i, sl][1:used], a[:-1])
+            np.testing.assert_array_equal(
+                batch["prev_truncated"][i, sl][1:used], truncated[: used - 1]
+            )
+            previous = a[-1]
             s = data.episode_starts[e]
             np.testing.assert_array_equal(
                 batch["actions"][i, sl][:used], data.actions[s : s + used]
@@ -98,7 +112,8 @@ def test_dt_windows(data):
         rtg = np.array([ep["rewards"][t:].sum() for t in steps])
         np.testing.assert_allclose(batch["target_returns"][i, mask], rtg, rtol=1e-5, atol=1e-5)
         assert mask[: mask.sum()].all()
-        assert (batch["done"][i].sum() == 1) == (steps[-1] == len(ep["rewards"]) - 1)
+        ends = batch["terminated"][i] + batch["truncated"][i]
+        assert (ends.sum() == 1) == (steps[-1] == len(ep["rewards"]) - 1)
 
 
 def test_no_task_ids_uses_whole_dataset():
