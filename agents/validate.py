@@ -16,6 +16,7 @@ import ml_collections
 
 from ringrl.agents.agent import AGENTS, check_config
 from ringrl.agents.checkpoint import KEEP_ALL
+from ringrl.agents.evaluation import EVAL_TASKS
 from ringrl.ring.layout import LAYOUTS, layout_unit
 from ringrl.ring.mesh import DATA, SEQ, make_mesh
 
@@ -103,8 +104,8 @@ def validate(
     _int_at_least(errors, "eval.attempts", e.attempts, 1)
     _int_at_least(errors, "eval.num_envs", e.num_envs, 1)
     _int_at_least(errors, "eval.max_steps", e.max_steps, 0, " (0: the env's time limit)")
-    if e.tasks not in ("heldout", "train"):
-        errors.append(f"config.eval.tasks={e.tasks!r} must be 'heldout' or 'train'")
+    if e.tasks not in EVAL_TASKS:
+        errors.append(f"config.eval.tasks={e.tasks!r} must be one of {EVAL_TASKS}")
 
     try:
         mesh = make_mesh(c.mesh, devices)

@@ -90,7 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         env_id="",  # Gymnasium id to act in; "" = the data's env
     )
     config.wandb = dict(mode="offline", project="ringrl")  # "offline" | "online" | "disabled"
-    config.mesh = (("data", -1), ("seq", 1))  # -1: all remaining devices
+    # -1: all remaining devices. The ring spans them: 2 contexts per step cannot be split over a
+    # data axis of 8, but n * 20 steps can be over the seq axis (one device: both sizes are 1).
+    config.mesh = (("data", 1), ("seq", -1))
 
     if arg.smoke:  # a few CPU seconds; tests/test_configs.py
         common.shrink_for_smoke(config)
@@ -100,4 +102,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.rollouts_per_task = 2
         config.data.episodes_per_task = 4
         config.model.num_heads = 2
+        config.mesh = (("data", -1), ("seq", 1))  # batch 8 over the data devices
     return config

@@ -28,7 +28,12 @@ LAYOUTS = ("contiguous", "striped", "zigzag")
 
 
 def layout_unit(n: int, layout: str, stripe: int = 1) -> int:
-    """Granularity of a global length in `layout` on n devices: T must be a multiple of it."""
+    """Granularity of a global length in `layout` on n devices: T must be a multiple of it.
+
+    On one device every layout is the identity (nothing to balance), so any length fits.
+    """
+    if n == 1:
+        return 1
     if layout == "striped":
         return n * stripe
     if layout == "zigzag":

@@ -59,7 +59,7 @@ def test_at_d4rl_default_needs_its_ring():
         ({"num_steps": 0}, "config.num_steps=0 must be an integer >= 1 (ringrl-eval evaluates"),
         ({"batch_size": 0}, "config.batch_size=0 must be an integer >= 1"),
         ({"batch_size": -4}, "config.batch_size=-4 must be an integer >= 1"),
-        ({"eval__tasks": "test"}, "config.eval.tasks='test' must be 'heldout' or 'train'"),
+        ({"eval__tasks": "tests"}, "config.eval.tasks='tests' must be one of ('test', 'valid',"),
         ({"model__num_heads": 3}, "config.model.embed_dim=16 is not divisible by config.model"),
     ],
 )
@@ -105,7 +105,7 @@ def test_smoke_keeps_an_explicit_n():
     assert at_darkroom.get_config("n=8,smoke").data.num_trajectories == 8
     assert at_darkroom.get_config("n=8,smoke").eval.attempts == 8
     assert at_darkroom.get_config("smoke").data.num_trajectories == 2
-    assert at_darkroom.get_config(None).data.num_trajectories == 4
+    assert at_darkroom.get_config(None).data.num_trajectories == 32
     assert ad_darkroom.get_config("n=8,smoke").data.num_trajectories == 8
 
 
