@@ -62,7 +62,9 @@ def returns_by_attempt(
         ax.axhline(reference, ls="--", c="gray", label=reference_label)
     ax.set_xlabel("attempt (earlier attempts in context)")
     ax.set_ylabel("return (mean ± standard error)")
-    ax.set_xticks(np.arange(1, max(len(r["return_mean"]) for r in results.values()) + 1))
+    attempts = max(len(r["return_mean"]) for r in results.values())
+    step = max(1, -(-attempts // 16))  # at most ~16 labelled ticks, so labels never overlap
+    ax.set_xticks(np.arange(1, attempts + 1, step))
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
