@@ -39,9 +39,7 @@ def _stats(results: list[dict], key) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ringrl.ring import distributed
-
-    distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
+    cli.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     from ringrl.agents.agent import make_sampler
     from ringrl.agents.checkpoint import Checkpointer, config_mismatch
     from ringrl.agents.trainer import train_and_evaluate

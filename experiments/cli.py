@@ -165,3 +165,22 @@ def flag_value(flag_name: str = "config") -> ml_collections.ConfigDict:
     from absl import flags
 
     return flags.FLAGS[flag_name].value
+
+
+def setup_process() -> bool:
+    """What every entry point does first: join the other processes (if any), then set the
+    process-wide JAX options (partitionable threefry, so random numbers don't depend on the mesh)
+    and quiet orbax's per-checkpoint INFO logs. Library code sets no JAX options itself.
+
+    Returns:
+      True if this process is part of a multi-process run.
+    """
+    import jax
+    from absl import logging
+
+    from ringrl.ring import distributed
+
+    multi = distributed.maybe_initialize()
+    jax.config.update("jax_threefry_partitionable", True)
+    logging.set_verbosity(logging.WARNING)
+    return multi

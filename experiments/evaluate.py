@@ -30,9 +30,7 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ringrl.ring import distributed
-
-    distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
+    cli.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     import jax
 
     from ringrl.agents.evaluation import evaluate_checkpoint, write_eval

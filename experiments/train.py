@@ -25,9 +25,7 @@ _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoin
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ringrl.ring import distributed
-
-    distributed.setup_process()  # joins other processes (ringrl-launch or a cluster) first
+    cli.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     import jax
 
     from ringrl.agents.trainer import train_and_evaluate

@@ -44,19 +44,3 @@ def maybe_initialize() -> bool:
         jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
         return True
     return False
-
-
-def setup_process() -> bool:
-    """What every entry point does first: join the other processes (if any), then set the
-    process-wide JAX options (partitionable threefry, so random numbers don't depend on the mesh)
-    and quiet orbax's per-checkpoint INFO logs.
-
-    Returns:
-      True if this process is part of a multi-process run.
-    """
-    from absl import logging
-
-    multi = maybe_initialize()
-    jax.config.update("jax_threefry_partitionable", True)
-    logging.set_verbosity(logging.WARNING)
-    return multi
