@@ -3,8 +3,8 @@
 `train_sac` runs online SAC (`ringrl.agents.sac`) on a Gymnasium MuJoCo env, keeps the whole
 replay buffer (it becomes the D4RL-style `medium-replay` set), evaluates policy snapshots during
 training and checkpoints everything needed to continue exactly; `collect_datasets` turns a finished
-run into `random` / `medium` / `medium-replay` / `expert` HDF5 datasets via the numpy assembly in
-`ringrl.envs.generate`.
+run into `random` / `medium` / `medium-replay` / `expert` / `medium-expert` HDF5 datasets via the
+numpy assembly in `ringrl.envs.generate`, resumably (sets already written are kept).
 
 Resume semantics: a checkpoint is written only at an episode boundary (so no MuJoCo mid-episode
 state has to be saved) and holds the SAC state, the replay buffer, the snapshot list, the numpy
@@ -35,8 +35,10 @@ from tqdm import tqdm
 
 from ringrl.agents.sac import SAC, SACConfig, get_sac
 from ringrl.envs import generate
+from ringrl.envs.datasets import load_d4rl
+from ringrl.envs.trajectories import Trajectories
 
-LEVELS = ("random", "medium", "medium-replay", "expert")
+LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 CHECKPOINT_VERSION = 1
 
 
@@ -318,6 +320,25 @@ def pick_medium(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     return min(snapshots, key=lambda s: abs(s["eval_return"] - target))
 
 
+def _existing(path: str, expected: dict[str, Any]) -> Trajectories | None:
+    """The set at `path` if a previous invocation wrote it for this run, None if there is none.
+
+    Raises:
+      ValueError: the file is not readable, or was made by another collection (one line).
+    """
+    if not os.path.exists(path):
+        return None
+    data = load_d4rl(path, load_next_observations=True)
+    for key, want in expected.items():
+        got = data.metadata.get(key)
+        if got != want:
+            raise ValueError(
+                f"{path} was made by another collection ({key}={got!r}, this one {want!r}); "
+                "fix: delete it, or rerun with its settings, or use another --out"
+            )
+    return data
+
+
 def collect_datasets(
     env_id: str,
     total_steps: int,
@@ -330,12 +351,23 @@ def collect_datasets(
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, str]:
-    """Trains SAC (resumably) and writes the four D4RL-style datasets of `env_id` to `out_dir`.
+    """Trains SAC (resumably) and writes the five D4RL-style datasets of `env_id` to `out_dir`.
 
     - random: uniform actions; its mean episode return is every file's `ref_min_score`.
     - medium: the snapshot closest to a third of the final eval return (stochastic actions).
     - medium-replay: the replay buffer up to that snapshot's step, cut at the last episode end.
     - expert: the final policy (stochastic actions); its mean return is `ref_max_score`.
+    - medium-expert: the medium set followed by the expert set (D4RL's mix).
+
+    D4RL defines its references as a random policy's and an expert policy's returns; here they
+    are measured on the random and expert sets themselves and stored in every file (metadata
+    `ref_min_score` / `ref_max_score`), which `ringrl.envs.scores` uses for these files.
+
+    Resumable: training continues from its checkpoint, and a set already in `out_dir` from this
+    run (same env, SAC steps, seed and dataset steps) is kept as it is, not made again. Each set
+    is saved atomically (temp file + rename) as soon as it is made, so a later failure neither
+    loses it nor leaves a half-written file. Rollouts are a function of the run and the seed, so
+    a resumed collection writes the same sets as an uninterrupted one.
 
     Args:
       env_id: e.g. "Hopper-v5".
@@ -345,12 +377,15 @@ def collect_datasets(
         default `total_steps`.
       seed: run seed (datasets use seed+1.. so they differ from training).
       config: SAC hyper-parameters.
-      progress: tqdm bar during training.
+      progress: tqdm bars during training and rollouts.
       stop_after: passed to `train_sac`; when training stops early no dataset is written.
-      log: where to print one line per stage.
+      log: where to print one line per set.
 
     Returns:
-      {level: path} of the files written (empty if training was stopped early).
+      {level: path} of the five sets (empty if training was stopped early).
+
+    Raises:
+      ValueError: a set in `out_dir` was made by another collection, or bad arguments.
     """
     if dataset_steps is not None and dataset_steps < 1:
         raise ValueError(f"dataset_steps must be positive, got {dataset_steps}")
@@ -370,41 +405,76 @@ def collect_datasets(
     space = gym.make(env_id).action_space
     medium = pick_medium(run.snapshots)
     final = run.snapshots[-1]
+    run_meta = {
+        "env_id": env_id,
+        "source": "ringrl-sac",
+        "sac_steps": run.total_steps,
+        "sac_seed": run.seed,
+        "dataset_steps": dataset_steps,
+    }
+    paths = {level: generate.dataset_path(out_dir, env_id, level) for level in LEVELS}
+    data: dict[str, Trajectories] = {}
+    for level, path in paths.items():
+        existing = _existing(path, {**run_meta, "level": level})
+        if existing is not None:
+            data[level] = existing
+            log(f"{level}: kept {path}")
+    written = set(data)
     policies = {
         "random": generate.uniform_policy(space.low, space.high),
-        "medium": sac.policy(medium["actor_params"], space.low, space.high, deterministic=False),
         "expert": sac.policy(final["actor_params"], space.low, space.high, deterministic=False),
+        "medium": sac.policy(medium["actor_params"], space.low, space.high, deterministic=False),
     }
-    data = {}
-    for i, (level, policy) in enumerate(policies.items()):
+    rollout_seed = {"random": seed + 1, "medium": seed + 2, "expert": seed + 3}
+
+    def make(level: str) -> Trajectories:
+        if level in data:
+            return data[level]
         t0 = time.time()
-        data[level] = generate.rollout_dataset(env_id, policy, dataset_steps, seed=seed + 1 + i)
+        if level in policies:
+            desc = f"{generate.dataset_prefix(env_id)}-{level}" if progress else None
+            out = generate.rollout_dataset(
+                env_id, policies[level], dataset_steps, seed=rollout_seed[level], desc=desc
+            )
+        elif level == "medium-replay":
+            out = generate.buffer_dataset(run.buffer, medium["step"])
+        else:  # medium-expert
+            out = generate.concatenate([make("medium"), make("expert")], {})
+        data[level] = out
         log(
-            f"{level}: {data[level].num_episodes} episodes, {data[level].num_steps} steps, "
-            f"mean return {data[level].returns.mean():.1f} ({time.time() - t0:.0f} s)"
+            f"{level}: {out.num_episodes} episodes, {out.num_steps} steps, "
+            f"mean return {out.returns.mean():.1f} ({time.time() - t0:.0f} s)"
         )
-    data["medium-replay"] = generate.buffer_dataset(run.buffer, medium["step"])
-    log(
-        f"medium-replay: {data['medium-replay'].num_episodes} episodes, "
-        f"{data['medium-replay'].num_steps} steps, "
-        f"mean return {data['medium-replay'].returns.mean():.1f}"
-    )
-    ref_min = float(data["random"].returns.mean())
-    ref_max = float(data["expert"].returns.mean())
-    paths = {}
-    for level in LEVELS:
-        policy_step = {"random": 0, "medium": medium["step"], "medium-replay": medium["step"]}
-        data[level].metadata.update(
-            env_id=env_id,
-            ref_min_score=ref_min,
-            ref_max_score=ref_max,
-            source="ringrl-sac",
-            level=level,
-            sac_steps=run.total_steps,
-            sac_seed=run.seed,
-            policy_step=policy_step.get(level, final["step"]),
-            snapshot_steps=[s["step"] for s in run.snapshots],
-            snapshot_eval_returns=[s["eval_return"] for s in run.snapshots],
+        return out
+
+    # Every file stores both references, so random and expert are made before any is written.
+    ref_min = float(make("random").returns.mean())
+    ref_max = float(make("expert").returns.mean())
+    if not ref_max > ref_min:
+        log(
+            f"warning: the expert set's mean return {ref_max:.1f} is not above the random set's "
+            f"{ref_min:.1f}, so scores cannot be normalised with them; train SAC longer (--steps)"
         )
-        paths[level] = data[level].save(generate.dataset_path(out_dir, env_id, level))
+    policy_step = {
+        "random": 0,
+        "medium": medium["step"],
+        "medium-replay": medium["step"],
+        "expert": final["step"],
+        "medium-expert": final["step"],
+    }
+    for level in ("random", "expert", "medium", "medium-replay", "medium-expert"):
+        if level in written:
+            continue
+        out = make(level)
+        out.metadata = {
+            **run_meta,
+            "level": level,
+            "ref_min_score": ref_min,
+            "ref_max_score": ref_max,
+            "policy_step": policy_step[level],
+            "snapshot_steps": [s["step"] for s in run.snapshots],
+            "snapshot_eval_returns": [s["eval_return"] for s in run.snapshots],
+        }
+        out.save(paths[level])  # atomic: temp file in out_dir, then rename
+        log(f"{level}: wrote {paths[level]}")
     return paths

@@ -4,15 +4,18 @@
   `envs.darkroom`, vectorised over tasks, as Algorithm Distillation consumes them (episodes in the
   order the learner played them, each tagged with its task).
 - D4RL-style datasets: `rollout_dataset` rolls a numpy policy out in a Gymnasium env with D4RL
-  flags (terminal on a true termination, timeout on the time-limit step, never both) and
-  `buffer_dataset` turns an online learner's replay buffer into a `medium-replay` set. The SAC
-  training that supplies the policies lives in `ringrl.agents.sac_collect`.
+  flags (terminal on a true termination, timeout on the time-limit step, never both),
+  `buffer_dataset` turns an online learner's replay buffer into a `medium-replay` set and
+  `concatenate` joins sets (D4RL's `medium-expert` is the medium set followed by the expert set).
+  `dataset_table` summarises the generated sets of a folder. The SAC training that supplies the
+  policies lives in `ringrl.agents.sac_collect`.
 
 Dimension letters: N steps, E episodes, S observation dim, A action dim.
 """
 
 from __future__ import annotations
 
+import glob
 import inspect
 import os
 import re
@@ -24,6 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ringrl.envs import darkroom
+from ringrl.envs.datasets import load_d4rl
+from ringrl.envs.scores import normalized_score
 from ringrl.envs.trajectories import Trajectories
 
 Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # obs [B, S] -> actions [B, A]
@@ -280,6 +285,7 @@ def rollout_episodes(
     num_episodes: int | None = None,
     seed: int = 0,
     num_envs: int = 8,
+    desc: str | None = None,
 ) -> list[dict[str, Any]]:
     """Whole episodes of `policy` in `num_envs` copies of `env_id`, stepped in lockstep.
 
@@ -287,7 +293,8 @@ def rollout_episodes(
     this many steps; every started episode is finished, so the total can exceed it by up to
     `num_envs - 1` episodes, and short episodes are not favoured) or `num_episodes`.
     Each env copy is reset with its own seed derived from `seed`; the policy gets a generator
-    derived from `seed` too, so the result is a function of the arguments.
+    derived from `seed` too, so the result is a function of the arguments. With `desc`, a tqdm
+    bar counts the steps of finished episodes (against `num_steps`) or the finished episodes.
 
     Returns:
       Episodes in the order they finished, each a dict of observations [T, S],
@@ -309,6 +316,13 @@ def rollout_episodes(
     current: list[dict[str, list]] = [_empty() for _ in envs]
     active = np.ones(num_envs, bool)
     started, done_steps, finished = num_envs, 0, []
+    bar = tqdm(
+        total=num_steps if num_steps is not None else num_episodes,
+        desc=desc,
+        unit="step" if num_steps is not None else "ep",
+        disable=desc is None,
+        dynamic_ncols=True,
+    )
     while active.any():
         # The policy always sees all rows (finished ones included) so that a jitted policy sees
         # one batch shape only instead of recompiling as envs finish.
@@ -327,6 +341,7 @@ def rollout_episodes(
             if terminated or truncated:
                 finished.append({k: np.asarray(v) for k, v in ep.items()})
                 done_steps += len(ep["rewards"])
+                bar.update(len(ep["rewards"]) if num_steps is not None else 1)
                 current[i] = _empty()
                 more = done_steps < num_steps if num_steps is not None else started < num_episodes
                 if more:
@@ -334,6 +349,7 @@ def rollout_episodes(
                     started += 1
                 else:
                     active[i] = False
+    bar.close()
     for e in envs:
         e.close()
     for ep in finished:
@@ -347,10 +363,18 @@ def _empty() -> dict[str, list]:
 
 
 def rollout_dataset(
-    env_id: str, policy: Policy, num_steps: int, *, seed: int = 0, num_envs: int = 8
+    env_id: str,
+    policy: Policy,
+    num_steps: int,
+    *,
+    seed: int = 0,
+    num_envs: int = 8,
+    desc: str | None = None,
 ) -> Trajectories:
     """`rollout_episodes(num_steps=...)` as a Trajectories (with next_observations)."""
-    episodes = rollout_episodes(env_id, policy, num_steps=num_steps, seed=seed, num_envs=num_envs)
+    episodes = rollout_episodes(
+        env_id, policy, num_steps=num_steps, seed=seed, num_envs=num_envs, desc=desc
+    )
     return Trajectories.from_episodes(episodes, metadata={"env_id": env_id})
 
 
@@ -379,3 +403,97 @@ def buffer_dataset(buffer: dict[str, np.ndarray], upto: int) -> Trajectories:
         episode_starts=starts,
         next_observations=buffer["next_observations"][:n],
     )
+
+
+def concatenate(parts: Sequence[Trajectories], metadata: dict[str, Any]) -> Trajectories:
+    """The episodes of `parts`, one set after the other (D4RL's medium-expert: medium, expert).
+
+    Args:
+      parts: sets with the same observation and action shapes; next_observations and task ids
+        are kept where every part has them.
+      metadata: the result's metadata (the parts' own metadata is not merged).
+
+    Returns:
+      Trajectories whose episodes, steps and returns are those of the parts, in order.
+    """
+    if not parts:
+        raise ValueError("concatenate got no datasets; fix: pass at least one")
+    shapes = {(p.observations.shape[1:], p.actions.shape[1:], p.actions.dtype) for p in parts}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"cannot concatenate datasets of different (observation, action) shapes {shapes}; "
+            "fix: concatenate sets of one environment"
+        )
+    offsets = np.cumsum([0] + [p.num_steps for p in parts[:-1]])
+    starts = np.concatenate(
+        [[0]] + [p.episode_starts[1:] + o for p, o in zip(parts, offsets)]
+    ).astype(np.int64)
+
+    def cat(key: str) -> np.ndarray | None:
+        values = [getattr(p, key) for p in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    return Trajectories(
+        observations=cat("observations"),
+        actions=cat("actions"),
+        rewards=cat("rewards"),
+        terminals=cat("terminals"),
+        timeouts=cat("timeouts"),
+        episode_starts=starts,
+        task_id=cat("task_id"),
+        metadata=dict(metadata),
+        next_observations=cat("next_observations"),
+    )
+
+
+def set_summary(data: Trajectories, best_fraction: float = 0.1) -> dict[str, float]:
+    """Episodes, steps, mean return and the mean return of the best `best_fraction` episodes."""
+    returns = np.sort(data.returns)
+    best = max(1, int(round(best_fraction * len(returns))))
+    return {
+        "episodes": data.num_episodes,
+        "steps": data.num_steps,
+        "mean_return": float(returns.mean()),
+        "best_return": float(returns[-best:].mean()),
+    }
+
+
+def dataset_table(out_dir: str, env_id: str | None = None) -> str:
+    """A markdown table of the generated MuJoCo sets (`*-ringrl-v0.hdf5`) in `out_dir`.
+
+    Args:
+      out_dir: the folder `ringrl-collect mujoco --out` wrote to.
+      env_id: only the sets of this env (e.g. "Hopper-v5"); None: every set in the folder.
+
+    One row per set: episodes, steps, mean return, mean return of its best 10% of episodes and
+    both normalised with the file's own references, 100 * (R - ref_min) / (ref_max - ref_min)
+    ("-" where the references are unusable, e.g. an expert set no better than the random one).
+
+    Raises:
+      ValueError: no generated set in `out_dir`.
+    """
+    prefix = "*" if env_id is None else dataset_prefix(env_id)
+    paths = sorted(glob.glob(os.path.join(out_dir, f"{prefix}-*-ringrl-v0.hdf5")))
+    if not paths:
+        raise ValueError(
+            f"no generated sets ({prefix}-*-ringrl-v0.hdf5) in {out_dir!r}; fix: run "
+            "ringrl-collect mujoco --env ... --out there first"
+        )
+    rows = [
+        "| set | episodes | steps | mean return | best 10% return | normalised mean | "
+        "normalised best 10% |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        data = load_d4rl(path)
+        s = set_summary(data)
+        name = os.path.basename(path).removesuffix(".hdf5")
+        try:
+            norm = [f"{normalized_score(data, s[k]):.1f}" for k in ("mean_return", "best_return")]
+        except ValueError:  # no usable references (e.g. an expert no better than random)
+            norm = ["-", "-"]
+        rows.append(
+            f"| {name} | {s['episodes']} | {s['steps']} | {s['mean_return']:.1f} | "
+            f"{s['best_return']:.1f} | {norm[0]} | {norm[1]} |"
+        )
+    return "\n".join(rows)

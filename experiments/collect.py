@@ -1,7 +1,10 @@
 r"""Makes our own datasets.
 
 ringrl-collect darkroom [--tasks N --episodes E --out F]
-ringrl-collect mujoco --env Hopper-v5 --steps 100000 [--out data/]   (resumable)"""
+ringrl-collect mujoco --env Hopper-v5 --steps 100000 [--dataset-steps N --out data/]
+    random, medium, medium-replay, expert and medium-expert sets; resumable: rerun the same
+    command after an interruption (SAC continues from its checkpoint, written sets are kept)
+ringrl-collect table [--out data/]   markdown table of the generated sets in a folder"""
 
 import argparse
 import os
@@ -63,13 +66,21 @@ def mujoco(args: argparse.Namespace) -> None:
     paths = sac_collect.collect_datasets(
         args.env, args.steps, out, dataset_steps=args.dataset_steps, seed=args.seed
     )
-    print("\n".join(f"wrote {level}: {path}" for level, path in paths.items()))
     print(f"done in {(time.time() - t0) / 60:.1f} min (this invocation)")
+    if paths:
+        print(generate.dataset_table(out, args.env))
+
+
+def table(args: argparse.Namespace) -> None:
+    out = args.out or "data"
+    if not os.path.isdir(out):
+        fail(f"--out {out!r} is not a folder; pass the folder ringrl-collect mujoco wrote to")
+    print(generate.dataset_table(out))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("kind", help="darkroom | darkkeytodoor | mujoco")
+    p.add_argument("kind", help="darkroom | darkkeytodoor | mujoco | table")
     p.add_argument("--tasks", type=int, help="training tasks (histories)")
     p.add_argument("--episodes", type=int, help="episodes per history")
     p.add_argument("--env", default="Hopper-v5", help=f"mujoco env: {', '.join(MUJOCO)}")
@@ -77,10 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset-steps", type=int, help="steps per rolled-out set (default --steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="file (histories) or folder (mujoco); default under data/")
-    if (args := p.parse_args(argv)).kind not in (*HISTORIES, "mujoco"):
-        fail(f"unknown dataset kind {args.kind!r}; valid: {', '.join([*HISTORIES, 'mujoco'])}")
+    commands = {**dict.fromkeys(HISTORIES, histories), "mujoco": mujoco, "table": table}
+    if (args := p.parse_args(argv)).kind not in commands:
+        fail(f"unknown dataset kind {args.kind!r}; valid: {', '.join(commands)}")
     try:
-        histories(args) if args.kind in HISTORIES else mujoco(args)
+        commands[args.kind](args)
     except ValueError as err:  # library errors already name the problem and the fix
         fail(str(err))
 

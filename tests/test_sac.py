@@ -1,9 +1,13 @@
-"""SAC collector at a tiny size: four D4RL-style files with correct flags and references, exact
-resume from a checkpoint, refused mismatched checkpoints, and the tanh-Gaussian log-density."""
+"""SAC collector at a tiny size: five D4RL-style files with correct flags and references, the
+medium-expert mix, exact resume from a checkpoint, resumed collection after a failure between two
+sets (finished sets kept byte for byte, no partial file), refused mismatched checkpoints and sets,
+and the tanh-Gaussian log-density."""
 
 import os
+import shutil
 
 import gymnasium as gym
+import h5py
 import jax
 import numpy as np
 import pytest
@@ -11,6 +15,9 @@ import pytest
 from ringrl.agents import sac, sac_collect
 from ringrl.envs import generate
 from ringrl.envs.datasets import load_d4rl
+from ringrl.envs.scores import normalized_score
+from ringrl.envs.trajectories import Trajectories
+from ringrl.experiments import collect
 
 # Hopper with a 40-step time limit, so that both terminations and timeouts occur at tiny size.
 ENV = "ringrl-test/HopperShort-v5"
@@ -36,7 +43,7 @@ def collected(tmp_path_factory):
     return out, paths
 
 
-def test_collect_writes_four_d4rl_datasets(collected):
+def test_collect_writes_five_d4rl_datasets(collected):
     out, paths = collected
     assert sorted(paths) == sorted(sac_collect.LEVELS)
     data = {level: load_d4rl(p, load_next_observations=True) for level, p in paths.items()}
@@ -73,6 +80,120 @@ def test_collect_writes_four_d4rl_datasets(collected):
         replay.observations, run.buffer["observations"][: replay.num_steps]
     )
     np.testing.assert_array_equal(replay.actions, run.buffer["actions"][: replay.num_steps])
+
+
+def test_medium_expert_is_medium_then_expert(collected):
+    _, paths = collected
+    medium, expert, mix = (
+        load_d4rl(paths[level], load_next_observations=True)
+        for level in ("medium", "expert", "medium-expert")
+    )
+    assert mix.num_episodes == medium.num_episodes + expert.num_episodes
+    assert mix.num_steps == medium.num_steps + expert.num_steps
+    np.testing.assert_array_equal(mix.returns, np.concatenate([medium.returns, expert.returns]))
+    for key in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations"):
+        np.testing.assert_array_equal(
+            getattr(mix, key), np.concatenate([getattr(medium, key), getattr(expert, key)])
+        )
+    for key in ("ref_min_score", "ref_max_score"):
+        assert mix.metadata[key] == medium.metadata[key] == expert.metadata[key]
+    # Scores of these files use their own references, not D4RL's.
+    lo, hi = mix.metadata["ref_min_score"], mix.metadata["ref_max_score"]
+    assert normalized_score(paths["medium-expert"], hi) == pytest.approx(100.0)
+    assert normalized_score(paths["medium-expert"], lo) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="different"):
+        other = Trajectories(np.zeros((1, 3)), np.zeros((1, 3)), [0.0], [True], [False], [0, 1])
+        generate.concatenate([medium, other], {})
+
+
+def _copy_run(out, tmp_path):
+    """A fresh folder holding only the finished SAC checkpoint of `out` (no retraining)."""
+    folder = tmp_path / "resume"
+    folder.mkdir()
+    path = sac_collect.checkpoint_path(out, ENV)
+    shutil.copy(path, folder / os.path.basename(path))
+    return str(folder)
+
+
+def _collect(folder):
+    return sac_collect.collect_datasets(
+        ENV, STEPS, folder, dataset_steps=120, config=CFG, progress=False, log=lambda _: None
+    )
+
+
+def test_resume_after_failure_between_sets_keeps_finished_sets(collected, tmp_path, monkeypatch):
+    out, paths = collected
+    folder = _copy_run(out, tmp_path)
+    real = generate.rollout_dataset
+
+    def failing(env_id, policy, num_steps, *, seed, **kw):
+        if seed == 2:  # the medium rollout, after random and expert (seeds 1 and 3)
+            raise RuntimeError("simulated crash")
+        return real(env_id, policy, num_steps, seed=seed, **kw)
+
+    monkeypatch.setattr(generate, "rollout_dataset", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _collect(folder)
+    done = sorted(f for f in os.listdir(folder) if f.endswith(".hdf5"))
+    assert done == ["hoppershort-expert-ringrl-v0.hdf5", "hoppershort-random-ringrl-v0.hdf5"]
+    first = os.path.join(folder, done[1])
+    before, stat = open(first, "rb").read(), os.stat(first)
+    monkeypatch.setattr(generate, "rollout_dataset", real)
+    resumed = _collect(folder)
+    assert sorted(resumed) == sorted(sac_collect.LEVELS)
+    # The finished set was neither rewritten nor touched.
+    assert open(first, "rb").read() == before
+    assert (os.stat(first).st_ino, os.stat(first).st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    # The resumed collection wrote what an uninterrupted one wrote.
+    for level, path in resumed.items():
+        a, b = load_d4rl(path), load_d4rl(paths[level])
+        np.testing.assert_array_equal(a.observations, b.observations, err_msg=level)
+        np.testing.assert_array_equal(a.episode_starts, b.episode_starts, err_msg=level)
+        assert a.metadata == b.metadata
+    # A set made by another collection is refused, not silently mixed in.
+    with pytest.raises(ValueError, match="made by another collection"):
+        sac_collect.collect_datasets(
+            ENV, STEPS, folder, dataset_steps=100, config=CFG, progress=False, log=lambda _: None
+        )
+
+
+def test_failure_while_writing_leaves_no_partial_file(collected, tmp_path, monkeypatch):
+    out, _ = collected
+    folder = _copy_run(out, tmp_path)
+    real = h5py.Group.create_dataset
+    calls = {"rewards": 0}
+
+    def failing(self, name, *args, **kwargs):
+        if name == "rewards":
+            calls["rewards"] += 1
+            if calls["rewards"] == 3:  # in the middle of the third set (medium)
+                raise OSError("simulated disk full")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _collect(folder)
+    left = sorted(os.listdir(folder))
+    assert not [f for f in left if f.startswith(".tmp-")]
+    assert [f for f in left if f.endswith(".hdf5")] == [
+        "hoppershort-expert-ringrl-v0.hdf5",
+        "hoppershort-random-ringrl-v0.hdf5",
+    ]
+
+
+def test_table_of_sets(collected, capsys):
+    out, paths = collected
+    collect.main(["table", "--out", out])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + len(paths)
+    expert = load_d4rl(paths["expert"])
+    row = next(r for r in table if "hoppershort-expert-" in r).split("|")
+    assert int(row[2]) == expert.num_episodes and int(row[3]) == expert.num_steps
+    assert float(row[4]) == pytest.approx(expert.returns.mean(), abs=0.05)
+    assert float(row[6]) == pytest.approx(100.0, abs=0.05)  # the expert set defines 100
+    with pytest.raises(SystemExit):
+        collect.main(["table", "--out", os.path.join(out, "nope")])
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_resume_is_bitwise_identical(collected, tmp_path):
