@@ -272,7 +272,7 @@ class Actor:
             pos_cur = emb.position(state.t, state.attempt)
             xs = [emb.token(kind, prev) + pos_prev for kind in self.trailing]
             xs += [emb.token(kind, cur) + pos_cur for kind in self.leading]
-            x = jnp.stack(xs, axis=1)  # [B, k, W]
+            x = emb.normalize(jnp.stack(xs, axis=1))  # [B, k, W]
             new_caches = []
             for blk, cache, window in zip(m.blocks, caches, self.windows):
                 q, k, v = blk.project(x)

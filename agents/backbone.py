@@ -16,6 +16,12 @@ its masks use original token positions.
 
 Padding: steps with `mask = False` get segment id 0 and real steps segment id 1, so real tokens
 never attend to padding (and padding only to padding), exactly what the cached actor sees.
+
+Regularisation (off by default; the Decision Transformer config turns it on, as GPT-2 in Chen et al.
+2021): `embed_norm` puts a LayerNorm on the token embeddings, and `dropout` drops embeddings and
+both residual branches (attention output, FFN output) while training. Attention probabilities are
+not dropped: ring attention never materialises them. Evaluation (`forward`, the actors) is always
+deterministic; `loss` drops only when given a key, and every shard folds its own index into it.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 ATTENTIONS = ("ring", "dense")
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}  # FFN nonlinearity (GPT-2 DT: relu)
 
 
 def attend(
@@ -95,6 +102,8 @@ class Block(nn.Module):
       ffn_chunk: tokens per FFN chunk (None: whole shard at once).
       attention: "ring" or "dense".
       layout, stripe, block_q, block_kv: passed to ring attention.
+      dropout: rate on both residual branches while training (0: none, no rng needed).
+      activation: FFN nonlinearity, a key of ACTIVATIONS.
     """
 
     embed_dim: int
@@ -107,6 +116,8 @@ class Block(nn.Module):
     stripe: int = 1
     block_q: int | None = None
     block_kv: int | None = None
+    dropout: float = 0.0
+    activation: str = "gelu"
 
     def setup(self):
         w, h = self.embed_dim, self.num_heads
@@ -119,22 +130,30 @@ class Block(nn.Module):
         self.b1 = self.param("b1", nn.initializers.zeros, (hidden,))
         self.w2 = self.param("w2", nn.initializers.lecun_normal(), (hidden, w))
         self.b2 = self.param("b2", nn.initializers.zeros, (w,))
+        self.drop = nn.Dropout(self.dropout)
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q, k, v [B, L, H, D] of the tokens x [B, L, W]."""
         qkv = self.qkv(self.ln_attn(x))
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-    def finish(self, x: jax.Array, a: jax.Array) -> jax.Array:
-        """Residual output projection of the attention result a [B, L, H, D], then the FFN."""
-        x = x + self.out(a)
+    def finish(self, x: jax.Array, a: jax.Array, train: bool = False) -> jax.Array:
+        """Residual output projection of the attention result a [B, L, H, D], then the FFN;
+        with `train`, both residual branches go through dropout."""
+        x = x + self.drop(self.out(a), deterministic=not train)
         h = self.ln_ffn(x)
         # The chunk is capped at the local length so tiny inputs (init, acting) need no divisor.
         chunk = h.shape[1] if self.ffn_chunk is None else min(self.ffn_chunk, h.shape[1])
         mlp = {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}  # ring.ffn.mlp's
-        return x + blockwise_ffn(h, mlp, chunk)
+        if self.activation != "gelu":  # ring.ffn.mlp is the gelu MLP
+            act, p = ACTIVATIONS[self.activation], mlp
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+            def mlp(xc):
+                return act(xc @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+        return x + self.drop(blockwise_ffn(h, mlp, chunk), deterministic=not train)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, train: bool = False) -> jax.Array:
         q, k, v = self.project(x)
         a = attend(
             q,
@@ -148,7 +167,7 @@ class Block(nn.Module):
             block_q=self.block_q,
             block_kv=self.block_kv,
         )
-        return self.finish(x, a)
+        return self.finish(x, a, train)
 
 
 class Backbone(nn.Module):
@@ -171,6 +190,9 @@ class Backbone(nn.Module):
       return_scale: multiplies target returns before embedding.
       reward_scale: multiplies rewards before embedding.
       slot_embedding: embed each step's trajectory index (slot in the context).
+      dropout: training-time dropout on the embeddings and every residual branch (0: none).
+      embed_norm: LayerNorm on the token embeddings (GPT-2 DT's `embed_ln`).
+      activation: FFN nonlinearity, a key of ACTIVATIONS.
     """
 
     action_dim: int
@@ -192,6 +214,9 @@ class Backbone(nn.Module):
     return_scale: float = 1.0
     reward_scale: float = 1.0
     slot_embedding: bool = True
+    dropout: float = 0.0
+    embed_norm: bool = False
+    activation: str = "gelu"
 
     def setup(self):
         check_tokens(tuple(self.tokens))
@@ -202,6 +227,10 @@ class Backbone(nn.Module):
             raise ValueError(f"attention {self.attention!r} unknown; use one of {ATTENTIONS}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} not divisible by num_heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} unknown; use one of {ACTIVATIONS}")
         windows = self.layer_windows
         self.embed = TokenEmbed(
             self.embed_dim,
@@ -212,10 +241,15 @@ class Backbone(nn.Module):
             self.return_scale,
             self.reward_scale,
             self.slot_embedding,
+            embed_norm=self.embed_norm,
         )
+        self.embed_drop = nn.Dropout(self.dropout)
         block = Block
         if self.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+            # `train` (argument 3, counting self) selects dropout: static under remat.
+            block = nn.remat(
+                Block, policy=REMAT_POLICIES[self.remat], prevent_cse=True, static_argnums=(3,)
+            )
         self.blocks = [
             block(
                 self.embed_dim,
@@ -228,6 +262,8 @@ class Backbone(nn.Module):
                 self.tokens_per_step,
                 self.block_q,
                 self.block_kv,
+                self.dropout,
+                self.activation,
                 name=f"block_{i}",
             )
             for i in range(self.num_layers)
@@ -260,13 +296,15 @@ class Backbone(nn.Module):
         out = self.head(self.ln_f(h))
         return out if self.discrete else jnp.tanh(out)
 
-    def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """Per-shard forward: step arrays [B, Tl, ...] -> action predictions [B, Tl, A]."""
+    def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> jax.Array:
+        """Per-shard forward: step arrays [B, Tl, ...] -> action predictions [B, Tl, A].
+
+        `train` turns dropout on (needs a "dropout" rng when `dropout` > 0)."""
         k = self.tokens_per_step
-        x = self.embed(batch, tuple(self.tokens))
+        x = self.embed_drop(self.embed(batch, tuple(self.tokens)), deterministic=not train)
         segment_ids = jnp.repeat(batch["mask"].astype(jnp.int32), k, axis=1)
         for blk in self.blocks:
-            x = blk(x, segment_ids)
+            x = blk(x, segment_ids, train)
         b, lt, w = x.shape
         h = x.reshape(b, lt // k, k, w)[:, :, self.action_token]
         return self.predict(h)
@@ -330,19 +368,19 @@ def batch_spec(batch: dict[str, Any]) -> dict[str, P]:
 
 
 def shard_apply(model: Backbone, mesh: jax.sharding.Mesh, fn, out_specs):
-    """Wraps a per-shard `fn(params, local_batch)` in the single shard_map of the model.
+    """Wraps a per-shard `fn(params, local_batch, *extra)` in the single shard_map of the model.
 
-    Params are replicated (P()), batch arrays split P(DATA, SEQ) after conversion to the model's
-    layout; call the result with global arrays (inside jit).
+    Params and `extra` arguments (e.g. a dropout key) are replicated (P()), batch arrays split
+    P(DATA, SEQ) after conversion to the model's layout; call the result with global arrays
+    (inside jit).
     """
     _, n_seq = mesh_sizes(mesh)
 
-    def run(params, batch):
+    def run(params, batch, *extra):
         batch = {k: to_layout(v, n_seq, model.layout, 1, axis=1) for k, v in batch.items()}
-        mapped = jax.shard_map(
-            fn, mesh=mesh, in_specs=(P(), batch_spec(batch)), out_specs=out_specs
-        )
-        return mapped(params, batch)
+        in_specs = (P(), batch_spec(batch), *(P() for _ in extra))
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        return mapped(params, batch, *extra)
 
     return run
 
@@ -369,25 +407,38 @@ def forward(
 
 
 def loss(
-    model: Backbone, params: Any, batch: dict[str, jax.Array], mesh: jax.sharding.Mesh
+    model: Backbone,
+    params: Any,
+    batch: dict[str, jax.Array],
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean action loss over every valid step of the GLOBAL batch (exact over any mesh).
 
     Each shard sums its per-step losses and counts; both are psum'd over (DATA, SEQ), so the
-    result (and its gradient) equals the single-device value.
+    result (and its gradient) equals the single-device value. With `rng` the model runs in
+    training mode (dropout, if `model.dropout` > 0): each shard draws its masks from `rng` folded
+    with its own index, so masks differ across shards (and so depend on the mesh).
 
     Returns:
       (loss scalar, {"loss": loss, "num_targets": number of valid action targets}).
     """
     check_batch(model, batch, mesh)
+    _, n_seq = mesh_sizes(mesh)
 
-    def per_shard(p, local):
-        pred = model.apply({"params": p}, local)
+    def per_shard(p, local, *key):
+        if key:  # training mode: this shard's own dropout key
+            shard = jax.lax.axis_index(DATA) * n_seq + jax.lax.axis_index(SEQ)
+            rngs = {"dropout": jax.random.fold_in(key[0], shard)}
+            pred = model.apply({"params": p}, local, True, rngs=rngs)
+        else:
+            pred = model.apply({"params": p}, local)
         total, count = action_loss(pred, local["actions"], local["mask"], model.discrete)
         total, count = jax.lax.psum((total, count), (DATA, SEQ))
         return total / jnp.maximum(count, 1.0), count
 
-    value, count = shard_apply(model, mesh, per_shard, (P(), P()))(params, dict(batch))
+    extra = () if rng is None else (rng,)
+    value, count = shard_apply(model, mesh, per_shard, (P(), P()))(params, dict(batch), *extra)
     return value, {"loss": value, "num_targets": count}
 
 

@@ -5,9 +5,9 @@ Dimension letters: B batch, T steps (see agents.batch for the batch arrays).
 One jitted `train_step(state, batch) -> (state, metrics)` over the (DATA, SEQ) mesh: params and
 optimizer state replicated (P()), batch arrays P(DATA, SEQ), state donated. The loss is the mean
 over every valid action target of the global batch (agents.backbone.loss), so its value and
-gradient do not depend on the mesh. The model is deterministic (no dropout), so the state holds no
-random key and the step takes none; a stochastic loss would add a key to the state and use
-`jax.random.fold_in(key, state.step)` per step.
+gradient do not depend on the mesh. A model with dropout (`model.dropout` > 0) keeps a PRNG key
+in the state and each step uses `jax.random.fold_in(state.rng, state.step)`, so a resumed run
+draws the same masks; a deterministic model's state holds no key (`rng` is None), as before.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ class TrainState:
       step: int32 scalar, number of updates done.
       params: model parameters (the "params" collection).
       opt_state: optax state.
+      rng: PRNG key of the dropout masks (folded with `step` every step); None without dropout.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    rng: jax.Array | None = None
 
 
 def _optim(config: ml_collections.ConfigDict) -> tuple[Any, int]:
@@ -94,14 +96,21 @@ def init_state(
       model: the Backbone.
       config: needs config.optim (lr, warmup_steps, weight_decay, grad_clip) and num_steps.
       mesh: (DATA, SEQ) mesh.
-      rng: PRNG key (jax.random.key) of the parameter initialisation.
+      rng: PRNG key (jax.random.key) of the parameter initialisation; the dropout key (only with
+        `model.dropout` > 0) is derived from it.
       obs_dim: S.
     """
     tx = make_optimizer(config)
 
     def init(rng):
         params = backbone.init_params(model, rng, obs_dim)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        dropout_rng = jax.random.fold_in(rng, 1) if model.dropout > 0 else None
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=dropout_rng,
+        )
 
     abstract = jax.eval_shape(init, rng)
     shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
@@ -119,7 +128,8 @@ def make_train_step(
 
     The function is jitted here, once, with explicit shardings (state replicated, batch
     P(DATA, SEQ)) and `donate_argnums=0`. Metrics: loss, grad_norm (before
-    clipping), lr, num_targets. Tokens/s is the caller's to measure.
+    clipping), lr, num_targets. Tokens/s is the caller's to measure. With a key in the state
+    (a model with dropout) the loss runs in training mode with this step's key.
 
     Args:
       model: the Backbone.
@@ -135,8 +145,10 @@ def make_train_step(
         backbone.check_batch(model, example_batch, mesh)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = None if state.rng is None else jax.random.fold_in(state.rng, state.step)
+
         def loss_fn(params):
-            return backbone.loss(model, params, batch, mesh)
+            return backbone.loss(model, params, batch, mesh, rng)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

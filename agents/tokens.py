@@ -69,6 +69,8 @@ class TokenEmbed(nn.Module):
       return_scale: target returns are multiplied by it before embedding.
       reward_scale: rewards are multiplied by it before embedding.
       slot_embedding: add an embedding of the trajectory index (slot) of each step.
+      embed_norm: LayerNorm over W of every token embedding, position terms included (GPT-2
+        Decision Transformer's `embed_ln`); off by default.
     """
 
     embed_dim: int
@@ -79,9 +81,12 @@ class TokenEmbed(nn.Module):
     return_scale: float = 1.0
     reward_scale: float = 1.0
     slot_embedding: bool = True
+    embed_norm: bool = False
 
     def setup(self):
         init = nn.initializers.normal(0.02)
+        if self.embed_norm:
+            self.embed_ln = nn.LayerNorm(name="embed_ln")
         self.obs_norm = ObsNorm(name="obs_norm")
         self.return_in = nn.Dense(self.embed_dim, name="return_in")
         self.state_in = nn.Dense(self.embed_dim, name="state_in")
@@ -145,9 +150,16 @@ class TokenEmbed(nn.Module):
             pos = pos + self.traj_in(j)
         return pos
 
+    def normalize(self, x: jax.Array) -> jax.Array:
+        """The embedding LayerNorm of tokens x [..., W] (token + position), if `embed_norm`.
+
+        Anything that builds tokens itself from `token` and `position` (the cached actor) applies
+        it too, so it sees what training saw."""
+        return self.embed_ln(x) if self.embed_norm else x
+
     def __call__(self, batch: dict[str, jax.Array], tokens: tuple[str, ...]) -> jax.Array:
         """Interleaves the tokens of every step: [B, T, ...] features -> [B, T * k, W]."""
         pos = self.position(batch["timesteps"], batch["traj_index"])
         x = jnp.stack([self.token(kind, batch) + pos for kind in tokens], axis=2)  # [B, T, k, W]
         b, t, k, w = x.shape
-        return x.reshape(b, t * k, w)
+        return self.normalize(x.reshape(b, t * k, w))

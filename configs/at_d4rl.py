@@ -14,9 +14,12 @@ from ringrl.configs import common, dt_d4rl
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Args: env (D4RL dataset name), path (HDF5 file; wins over env), n, smoke."""
-    arg = common.parse_arg(arg, env="hopper-medium-replay-v2", path="", n=4, smoke=False)
-    config = dt_d4rl.get_config(f"env={arg.env},path={arg.path}")
+    """Args: env (D4RL dataset name), path (HDF5 file; wins over env), n, target (as
+    configs/dt_d4rl.py: "high", "low" or a number), smoke."""
+    arg = common.parse_arg(
+        arg, env="hopper-medium-replay-v2", path="", n=4, target="high", smoke=False
+    )
+    config = dt_d4rl.get_config(f"env={arg.env},path={arg.path},target={arg.target}")
     config.name = "at_d4rl"
     config.batch_size = 8  # contexts per step (each n * 1000 steps)
     config.data.mode = "at"  # n trajectories sorted by return, targets relabelled to the best
@@ -29,6 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.reward_scale = 0.3  # Hopper rewards are about 3 per step
     config.eval.oracle_target = False  # (in-context tasks only) each task's optimum as target
     config.model.num_heads = 4
+    # AT keeps its own schedule and model: the DT config's paper settings (100k steps, 10k warmup,
+    # dropout, embedding LayerNorm, relu) are not inherited; override them to compare like for like.
+    config.num_steps = 20_000
+    config.optim.warmup_steps = 1_000
+    config.eval.every = 5_000
+    config.model.dropout = 0.0
+    config.model.embed_norm = False
+    config.model.activation = "gelu"
     # Balances causal work over the ring. Zigzag would do it at contiguous's total work, but it
     # needs n * horizon divisible by 2 x the seq devices (n = 1: 1000 steps on 8 devices is not).
     config.model.layout = "striped"

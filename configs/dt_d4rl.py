@@ -1,23 +1,71 @@
 r"""Decision Transformer on a D4RL-schema dataset (a real D4RL file or one we generated).
 
-  ringrl-collect mujoco --env Hopper-v5 ...         # writes data/hopper-*.hdf5
-  ringrl-train --config configs/dt_d4rl.py:path=data/hopper-medium-replay-v2.hdf5 \
+  ringrl-collect mujoco --env Hopper-v5 ...         # writes data/hopper-*-ringrl-v0.hdf5
+  ringrl-train --config configs/dt_d4rl.py:path=data/hopper-medium-replay-ringrl-v0.hdf5 \
       --workdir runs/dt_hopper
-  ringrl-train --config configs/dt_d4rl.py:env=hopper-medium-v2    # by name, $D4RL_DATASET_DIR
+  ringrl-train --config configs/dt_d4rl.py:env=hopper-medium-v2,target=low   # by name
+
+The settings of Chen et al. 2021 (their gym/experiment.py): K = 20 steps, 3 layers of width 128,
+1 head, relu FFN, dropout 0.1, LayerNorm on the token embeddings, states normalised by the data's
+mean and std, returns-to-go divided by 1000, AdamW lr 1e-4, weight decay 1e-4, 10k warmup steps,
+batch 64, 100k steps, gradient clipping 0.25, evaluation on whole 1000-step episodes from the
+target return of the task: Hopper 3600 (low 1800), Walker2d 5000 (2500), HalfCheetah 12000
+(6000). Differences: after the warmup the learning rate decays (cosine) instead of staying
+constant, and attention probabilities are not dropped (ring attention never forms them).
 """
+
+import os
 
 import ml_collections
 
 from ringrl.configs import common
 
+# Evaluation target returns (high, low) per task family (Chen et al. 2021, gym/experiment.py).
+DT_TARGETS = {
+    "hopper": (3600.0, 1800.0),
+    "walker2d": (5000.0, 2500.0),
+    "halfcheetah": (12000.0, 6000.0),
+}
+TARGET_CHOICES = ("high", "low")
+
+
+def task_family(env: str, path: str) -> str:
+    """The task of a dataset: "hopper" for data/hopper-medium-ringrl-v0.hdf5, hopper-medium-v2 or
+    Hopper-v5."""
+    name = os.path.basename(path) if path else env
+    return name.split("-")[0].lower()
+
+
+def target_return(env: str, path: str, target: str) -> float:
+    """The evaluation target return that `target` ("high", "low" or a number) picks for the data.
+
+    Raises:
+      ValueError: a named target for a task without a table entry, or an unparsable target.
+    """
+    if target not in TARGET_CHOICES:
+        try:
+            return float(target)
+        except ValueError:
+            raise ValueError(
+                f"config arg target={target!r} must be one of {TARGET_CHOICES} or a number"
+            ) from None
+    family = task_family(env, path)
+    if family not in DT_TARGETS:
+        raise ValueError(
+            f"no DT target returns for task {family!r} (known: {', '.join(DT_TARGETS)}); fix: "
+            "pass the return to condition on, e.g. target=3000"
+        )
+    return DT_TARGETS[family][TARGET_CHOICES.index(target)]
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Args: env (D4RL dataset name), path (HDF5 file; wins over env), smoke."""
-    arg = common.parse_arg(arg, env="hopper-medium-replay-v2", path="", smoke=False)
+    """Args: env (D4RL dataset name), path (HDF5 file; wins over env), target ("high", "low" or
+    a number: the evaluation target return), smoke."""
+    arg = common.parse_arg(arg, env="hopper-medium-replay-v2", path="", target="high", smoke=False)
     config = ml_collections.ConfigDict()
     config.name = "dt_d4rl"  # default workdir runs/<name>
     config.seed = 0  # model init and batch sampling
-    config.num_steps = 20_000  # train steps
+    config.num_steps = 100_000  # train steps (DT: 10 iterations of 10k)
     config.batch_size = 64  # windows per step (a multiple of the mesh's data size)
     config.log_every = 100  # steps between logged train metrics
     config.checkpoint_every = 2_000  # steps between checkpoints (and one at the end)
@@ -37,25 +85,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_heads=1,
         mlp_ratio=4,  # feed-forward hidden = mlp_ratio * W
         remat="none",  # jax.checkpoint policy per block (agents.backbone.REMAT_POLICIES)
+        dropout=0.1,  # training-time dropout on embeddings and residual branches (GPT-2 DT)
+        embed_norm=True,  # LayerNorm on the token embeddings (GPT-2 DT's embed_ln)
+        activation="relu",  # FFN nonlinearity (DT's gym runs: relu)
         attention="ring",  # "ring" (sharded over the seq axis) or "dense" (1 device baseline)
         layout="contiguous",  # token layout over the ring: "contiguous" or "striped"
         return_scale=0.001,  # returns-to-go are multiplied by this (DT: 1/1000 for MuJoCo)
     )
     config.optim = dict(
         lr=1e-4,  # peak learning rate (AdamW)
-        warmup_steps=1_000,  # linear warmup, then cosine decay to 0 at num_steps
+        warmup_steps=10_000,  # linear warmup, then cosine decay to 0 at num_steps
         weight_decay=1e-4,
         grad_clip=0.25,  # global-norm clipping
     )
     config.eval = dict(
-        every=5_000,  # steps between evaluations during training (0: only at the end)
+        every=10_000,  # steps between evaluations during training (0: only at the end)
         tasks="heldout",  # unused for single-task MuJoCo data
         attempts=1,  # episodes per environment (DT does not see earlier attempts)
         num_envs=10,  # environments acting together
         seed=100,  # environment seeds
-        target_return=3600.0,  # initial return-to-go (DT paper, Hopper)
+        target_return=target_return(arg.env, arg.path, arg.target),  # initial return-to-go
         sample=False,  # continuous actions: the tanh mean
-        max_steps=0,  # cap on episode length at evaluation; 0 = the env's own time limit
+        max_steps=0,  # cap on episode length at evaluation; 0 = the env's time limit (1000)
         env_id="",  # Gymnasium id to act in; "" = from the dataset (metadata or name)
     )
     config.wandb = dict(mode="offline", project="ringrl")  # "offline" | "online" | "disabled"
