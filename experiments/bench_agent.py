@@ -2,6 +2,7 @@ r"""Agent benchmark on 8 (virtual) devices: sharded training and cached acting.
 
   python -m ringrl.experiments.bench_agent            # full: train 4k/16k/64k tokens, act 1k/8k/32k
   python -m ringrl.experiments.bench_agent --quick    # smoke run, small contexts
+  python -m ringrl.experiments.bench_agent --d4rl     # (c) only: the D4RL configs' train steps
 
 (a) Train-step tokens/s of the AT agent (3 layers, width 128) with ring attention over seq=8
     (striped layout) vs a plain single-device model with dense attention, and the per-device
@@ -14,6 +15,17 @@ r"""Agent benchmark on 8 (virtual) devices: sharded training and cached acting.
     context with the backbone every step, both on the seq=8 mesh. The cache is filled to
     capacity minus a few steps with random keys/values first (the per-step work does not depend on
     the contents, only on the capacity, so this equals a context that was really acted out).
+
+(c) With --d4rl: the train step of configs/dt_d4rl.py (K = 20, 3 tokens per step, batch 64, data
+    over every device) and configs/at_d4rl.py (n whole 1000-step trajectories, 1 token per step,
+    the ring over every device) on their own meshes, fed by their real samplers from synthetic
+    MuJoCo-shaped trajectories: tokens/s, and the share of step time in attention and in the FFN,
+    measured by timing the same step compiled with attention replaced by the identity (the values
+    pass through; the ring's sends go too) and with the FFN replaced by the identity. The rest
+    (embeddings, projections, norms, head, loss, optimizer) is the remainder. Host input is the
+    sampler's batch plus the transfer to the mesh, timed alone: the loop dispatches the step
+    asynchronously, so host input overlaps the previous step unless it is longer.
+    --d4rl_n, --d4rl_batch and --d4rl_horizon shrink AT for a small run.
 
 Timings are medians; on a shared 2-core CPU host the 8 devices share the cores, so absolute
 numbers are noisy and per-device parallel speedups are not real. Bars (issue 5): ring per-device
@@ -29,6 +41,7 @@ xla_flags.force_host_devices(8)  # with generous collective timeouts (busy share
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -38,9 +51,10 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ringrl.agents import act, at, backbone, sharding  # noqa: E402
+from ringrl.agents import act, at, backbone, dt, sharding  # noqa: E402
 from ringrl.agents import batch as batch_schema  # noqa: E402
 from ringrl.agents.step import init_state, make_train_step  # noqa: E402
+from ringrl.envs.trajectories import Trajectories  # noqa: E402
 from ringrl.ring.mesh import DATA, SEQ, make_mesh  # noqa: E402
 
 HORIZON = 256  # steps per trajectory slot: 1024 tokens per trajectory
@@ -175,6 +189,109 @@ def bench_act(tokens: int, mesh, steps: int) -> dict:
                 recompute_ms=1e3 * full_s)  # fmt: skip
 
 
+def synthetic_trajectories(episodes: int, length: int = 1000, seed: int = 0) -> Trajectories:
+    """MuJoCo-shaped data (S = 17, A = 6, whole `length`-step episodes ending in a timeout)."""
+    rng = np.random.default_rng(seed)
+    n = episodes * length
+    timeouts = np.zeros(n, bool)
+    timeouts[length - 1 :: length] = True
+    return Trajectories(
+        observations=rng.normal(size=(n, OBS_DIM)),
+        actions=rng.uniform(-1, 1, (n, ACTIONS)),
+        rewards=rng.normal(3.0, 1.0, n),
+        terminals=np.zeros(n, bool),
+        timeouts=timeouts,
+        episode_starts=np.arange(0, n + 1, length),
+    )
+
+
+@contextlib.contextmanager
+def without(part: str | None):
+    """Traces the backbone with attention ("attention") or the FFN ("ffn") replaced by the
+    identity, for timing what is left; None changes nothing."""
+    saved = backbone.attend, backbone.blockwise_ffn
+    if part == "attention":
+        backbone.attend = lambda q, k, v, **kw: v
+    elif part == "ffn":
+        backbone.blockwise_ffn = lambda h, mlp, chunk: h
+    try:
+        yield
+    finally:
+        backbone.attend, backbone.blockwise_ffn = saved
+
+
+def shares(full_s: float, no_attention_s: float, no_ffn_s: float, host_s: float) -> dict:
+    """Fractions of a train step's time (clipped at 0: noise can make a removal look free)."""
+    attention = max(full_s - no_attention_s, 0.0) / full_s
+    ffn = max(full_s - no_ffn_s, 0.0) / full_s
+    return dict(
+        attention=attention,
+        ffn=ffn,
+        other=max(1.0 - attention - ffn, 0.0),
+        host_per_step=host_s / full_s,
+    )
+
+
+def d4rl_configs(n: int, batch: int | None, horizon: int | None) -> list:
+    """(name, config) of the DT and AT D4RL configs, AT at n trajectories (optionally shrunk)."""
+    from ringrl.configs import at_d4rl, dt_d4rl  # noqa: PLC0415 (configs only for --d4rl)
+
+    dt_cfg, at_cfg = dt_d4rl.get_config(), at_d4rl.get_config(f"n={n}")
+    with at_cfg.unlocked():
+        if batch is not None:
+            at_cfg.batch_size = batch
+        if horizon is not None:
+            at_cfg.data.horizon = horizon
+    return [("dt_d4rl", dt_cfg), (f"at_d4rl n={n}", at_cfg)]
+
+
+def bench_d4rl(name: str, cfg: ml_collections.ConfigDict, steps: int) -> dict:
+    """Tokens/s and the attention / FFN / host shares of one config's train step."""
+    agent = dt if cfg.data.mode == "dt" else at
+    mesh = make_mesh(cfg.mesh)
+    episodes = max(16, 2 * cfg.data.num_trajectories)
+    sampler = agent.sampler_for(
+        synthetic_trajectories(episodes, length=max(cfg.data.horizon, 20)), cfg, seed=0
+    )
+    host_batch = sampler.sample(cfg.batch_size)
+    batch = sharding.put_batch(host_batch, mesh)
+    tokens = cfg.batch_size * sampler.context_steps
+    steps_fn, tokens_per_step = {}, None
+    for part in (None, "attention", "ffn"):
+        with without(part):
+            model = agent.model_for(cfg, action_dim=ACTIONS, discrete=False)
+            tokens_per_step = model.tokens_per_step
+            state = init_state(model, cfg, mesh, jax.random.key(0), obs_dim=OBS_DIM)
+            compiled = make_train_step(model, cfg, mesh).lower(state, batch).compile()
+        box = {"state": state}
+
+        def one_step(compiled=compiled, box=box):  # AOT-compiled: no compile in the timing
+            box["state"], metrics = compiled(box["state"], batch)
+            return metrics
+
+        jax.block_until_ready(one_step())  # warm-up
+        steps_fn[part] = one_step
+    # Round-robin over the variants, so a change in the machine's load hits all of them alike.
+    samples = {part: [] for part in steps_fn}
+    for _ in range(steps):
+        for part, fn in steps_fn.items():
+            samples[part].append(timed(fn, 1))
+    times = {part: statistics.median(v) for part, v in samples.items()}
+    host_s = timed(lambda: sharding.put_batch(sampler.sample(cfg.batch_size), mesh), steps)
+    tokens *= tokens_per_step
+    return dict(
+        name=name,
+        mesh=f"{mesh.shape[DATA]}x{mesh.shape[SEQ]}",
+        batch=cfg.batch_size,
+        context=sampler.context_steps * tokens_per_step,
+        tokens=tokens,
+        step_s=times[None],
+        tok_s=tokens / times[None],
+        host_s=host_s,
+        **shares(times[None], times["attention"], times["ffn"], host_s),
+    )
+
+
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -194,8 +311,27 @@ def main() -> None:
                         help="longer train contexts: compiled memory only, not timed")  # fmt: skip
     parser.add_argument("--dense_budget_gib", type=float, default=4.0,
                         help="run the dense baseline only if its compiled memory fits")  # fmt: skip
+    parser.add_argument("--d4rl", action="store_true",
+                        help="only (c): the D4RL configs' train-step breakdown")  # fmt: skip
+    parser.add_argument("--d4rl_n", type=int, default=4, help="AT trajectories per context")
+    parser.add_argument("--d4rl_batch", type=int, help="AT contexts per step (default: config)")
+    parser.add_argument("--d4rl_horizon", type=int, help="AT steps per trajectory (default 1000)")
+    parser.add_argument("--d4rl_steps", type=int, default=3, help="timed steps per variant")
     args = parser.parse_args()
     jax.config.update("jax_threefry_partitionable", True)
+    if args.d4rl:
+        print(f"(c) D4RL configs' train step, {jax.device_count()} devices, median of "
+              f"{args.d4rl_steps} steps; shares of the step time", flush=True)  # fmt: skip
+        print(f"{'config':>14} {'mesh':>5} {'batch':>5} {'context':>8} {'tokens':>7} "
+              f"{'tok/s':>8} {'step ms':>8} {'attn':>6} {'ffn':>6} {'other':>6} "
+              f"{'host ms':>8} {'host/step':>9}")  # fmt: skip
+        for name, cfg in d4rl_configs(args.d4rl_n, args.d4rl_batch, args.d4rl_horizon):
+            r = bench_d4rl(name, cfg, args.d4rl_steps)
+            print(f"{r['name']:>14} {r['mesh']:>5} {r['batch']:>5} {r['context']:>8} "
+                  f"{r['tokens']:>7} {r['tok_s']:>8.0f} {1e3 * r['step_s']:>8.1f} "
+                  f"{r['attention']:>6.0%} {r['ffn']:>6.0%} {r['other']:>6.0%} "
+                  f"{1e3 * r['host_s']:>8.1f} {r['host_per_step']:>9.2f}", flush=True)  # fmt: skip
+        return
     train_ctx = parse_tokens(args.train_tokens) if args.train_tokens else ()
     act_ctx = parse_tokens(args.act_tokens) if args.act_tokens else ()
     steps, act_steps = args.steps, args.act_steps

@@ -1,0 +1,37 @@
+"""The throughput breakdown of experiments/bench_agent.py: the identity swaps take effect and are
+undone, and the shares add up."""
+
+import jax
+import numpy as np
+import pytest
+
+from ringrl.agents import backbone, dt
+from ringrl.experiments import bench_agent
+
+
+def test_shares_add_up():
+    s = bench_agent.shares(full_s=1.0, no_attention_s=0.6, no_ffn_s=0.7, host_s=0.1)
+    assert s["attention"] == pytest.approx(0.4) and s["ffn"] == pytest.approx(0.3)
+    assert s["other"] == pytest.approx(0.3) and s["host_per_step"] == pytest.approx(0.1)
+    # Timing noise can make a variant slower than the full step: its share is 0, not negative.
+    assert bench_agent.shares(1.0, 1.2, 0.5, 0.0)["attention"] == 0.0
+
+
+def test_identity_swaps_take_effect_and_are_undone():
+    model = dt.make_model(
+        action_dim=2, discrete=False, context_steps=4, max_timestep=8,
+        embed_dim=8, num_layers=1, num_heads=2, attention="dense", layout="contiguous",
+    )  # fmt: skip
+    batch = backbone.dummy_batch(model, 3, batch_size=1, steps=4)
+    batch["observations"] = jax.random.normal(jax.random.key(0), batch["observations"].shape)
+    params = backbone.init_params(model, jax.random.key(0), obs_dim=3)
+    outputs = {}
+    for part in (None, "attention", "ffn"):
+        with bench_agent.without(part):
+            outputs[part] = np.asarray(model.apply({"params": params}, batch))
+    assert not np.allclose(outputs[None], outputs["attention"])
+    assert not np.allclose(outputs[None], outputs["ffn"])
+    assert backbone.attend.__name__ == "attend"
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, batch)), outputs[None])
+    traj = bench_agent.synthetic_trajectories(3, length=5)
+    assert traj.num_episodes == 3 and traj.timeouts.sum() == 3
