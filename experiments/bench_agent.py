@@ -286,6 +286,8 @@ def bench_d4rl(name: str, cfg: ml_collections.ConfigDict, steps: int) -> dict:
         context=sampler.context_steps * tokens_per_step,
         tokens=tokens,
         step_s=times[None],
+        no_attention_s=times["attention"],
+        no_ffn_s=times["ffn"],
         tok_s=tokens / times[None],
         host_s=host_s,
         **shares(times[None], times["attention"], times["ffn"], host_s),
@@ -323,12 +325,14 @@ def main() -> None:
         print(f"(c) D4RL configs' train step, {jax.device_count()} devices, median of "
               f"{args.d4rl_steps} steps; shares of the step time", flush=True)  # fmt: skip
         print(f"{'config':>14} {'mesh':>5} {'batch':>5} {'context':>8} {'tokens':>7} "
-              f"{'tok/s':>8} {'step ms':>8} {'attn':>6} {'ffn':>6} {'other':>6} "
+              f"{'tok/s':>8} {'step ms':>8} {'-attn ms':>8} {'-ffn ms':>8} {'attn':>6} "
+              f"{'ffn':>6} {'other':>6} "
               f"{'host ms':>8} {'host/step':>9}")  # fmt: skip
         for name, cfg in d4rl_configs(args.d4rl_n, args.d4rl_batch, args.d4rl_horizon):
             r = bench_d4rl(name, cfg, args.d4rl_steps)
             print(f"{r['name']:>14} {r['mesh']:>5} {r['batch']:>5} {r['context']:>8} "
                   f"{r['tokens']:>7} {r['tok_s']:>8.0f} {1e3 * r['step_s']:>8.1f} "
+                  f"{1e3 * r['no_attention_s']:>8.1f} {1e3 * r['no_ffn_s']:>8.1f} "
                   f"{r['attention']:>6.0%} {r['ffn']:>6.0%} {r['other']:>6.0%} "
                   f"{1e3 * r['host_s']:>8.1f} {r['host_per_step']:>9.2f}", flush=True)  # fmt: skip
         return
