@@ -232,8 +232,11 @@ def shares(full_s: float, no_attention_s: float, no_ffn_s: float, host_s: float)
     )
 
 
-def d4rl_configs(n: int, batch: int | None, horizon: int | None) -> list:
-    """(name, config) of the DT and AT D4RL configs, AT at n trajectories (optionally shrunk)."""
+def d4rl_configs(
+    n: int, batch: int | None, horizon: int | None, mesh: tuple[int, int] | None = None
+) -> list:
+    """(name, config) of the DT and AT D4RL configs, AT at n trajectories (optionally shrunk),
+    both on `mesh` = (data, seq) devices if given, else on their own meshes."""
     from ringrl.configs import at_d4rl, dt_d4rl  # noqa: PLC0415 (configs only for --d4rl)
 
     dt_cfg, at_cfg = dt_d4rl.get_config(), at_d4rl.get_config(f"n={n}")
@@ -242,6 +245,10 @@ def d4rl_configs(n: int, batch: int | None, horizon: int | None) -> list:
             at_cfg.batch_size = batch
         if horizon is not None:
             at_cfg.data.horizon = horizon
+    if mesh is not None:
+        for cfg in (dt_cfg, at_cfg):
+            with cfg.unlocked():
+                cfg.mesh = ((DATA, mesh[0]), (SEQ, mesh[1]))
     return [("dt_d4rl", dt_cfg), (f"at_d4rl n={n}", at_cfg)]
 
 
@@ -319,6 +326,7 @@ def main() -> None:
     parser.add_argument("--d4rl_batch", type=int, help="AT contexts per step (default: config)")
     parser.add_argument("--d4rl_horizon", type=int, help="AT steps per trajectory (default 1000)")
     parser.add_argument("--d4rl_steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--d4rl_mesh", help="data,seq devices for both configs (default: theirs)")
     args = parser.parse_args()
     jax.config.update("jax_threefry_partitionable", True)
     if args.d4rl:
@@ -328,7 +336,8 @@ def main() -> None:
               f"{'tok/s':>8} {'step ms':>8} {'-attn ms':>8} {'-ffn ms':>8} {'attn':>6} "
               f"{'ffn':>6} {'other':>6} "
               f"{'host ms':>8} {'host/step':>9}")  # fmt: skip
-        for name, cfg in d4rl_configs(args.d4rl_n, args.d4rl_batch, args.d4rl_horizon):
+        mesh = tuple(int(x) for x in args.d4rl_mesh.split(",")) if args.d4rl_mesh else None
+        for name, cfg in d4rl_configs(args.d4rl_n, args.d4rl_batch, args.d4rl_horizon, mesh):
             r = bench_d4rl(name, cfg, args.d4rl_steps)
             print(f"{r['name']:>14} {r['mesh']:>5} {r['batch']:>5} {r['context']:>8} "
                   f"{r['tokens']:>7} {r['tok_s']:>8.0f} {1e3 * r['step_s']:>8.1f} "
