@@ -302,8 +302,15 @@ def check_eval_context(
       episode_steps: longest evaluation episode.
 
     Raises:
-      ValueError: one line naming the sizes and the fix.
+      ValueError: one line naming the sizes and the fix, or a target return that is not a number
+        (configs/dt_d4rl.py knows the targets of hopper, walker2d and halfcheetah only).
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
+    if not np.isfinite(config.eval.target_return):
+        raise ValueError(
+            f"config.eval.target_return={config.eval.target_return} for {env_id}: no DT target "
+            "return is known for this task; fix: pass the return to condition on, e.g. "
+            "--config=configs/dt_d4rl.py:path=...,target=3000"
+        )
     check_episodes_fit(env_id, episode_steps, config.data.horizon)
