@@ -7,8 +7,12 @@ episodes of one task's learning history, in learning order, so the model imitate
 improvement rather than the best trajectory. It is not return-conditioned: every target-return
 token is 0, in training and when acting.
 
-* Model, actor, evaluation contexts: agents.at (`make_model`, `make_actor`,
-  `check_eval_context`): n slots of `horizon` steps, attempts fill the slots in order.
+* Model: agents.at (`make_model`): n slots of `horizon` steps, no slot embedding.
+* Actor (`make_actor`) and evaluation contexts (`check_eval_context`): as AT for up to n
+  attempts; beyond n the context rolls (agents.act.Actor with `keep_episodes=n`): the n most
+  recent episodes stay in a ring-buffer KV cache, the oldest is dropped, so AD can play 40 or more
+  episodes in a row with constant memory, as in Laskin et al. 2022. Only AD may do so: AT and DT
+  refuse more attempts than their context holds.
 * Sampler (`HistorySampler`): consecutive episodes, targets 0.
 * Conditioning (`make_policy`): target 0 at every step.
 """
@@ -17,11 +21,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
-from ringrl.agents.act import Actor, ActorPolicy, fixed_target
-from ringrl.agents.at import SlotSampler, check_eval_context, make_actor, make_model, model_for
+from ringrl.agents import at
+from ringrl.agents.act import Actor, ActorPolicy, check_episodes_fit, fixed_target
+from ringrl.agents.at import SlotSampler, make_model, model_for
+from ringrl.agents.backbone import Backbone
 
 __all__ = [
     "MODE",
@@ -86,6 +93,51 @@ def sampler_for(
     return make_sampler(
         trajectories, num_trajectories=d.num_trajectories, horizon=d.horizon, seed=seed
     )
+
+
+def make_actor(
+    model: Backbone, mesh: jax.sharding.Mesh, *, attempts: int, horizon: int, greedy: bool = True
+) -> Actor:
+    """Cached actor for `attempts` episodes of at most `horizon` steps in a row.
+
+    Up to n = model.max_trajectories attempts it is AT's actor (every attempt in context); beyond,
+    a rolling actor keeping the n most recent episodes (the context the model was trained on).
+
+    Raises:
+      ValueError: attempts < 1, episodes longer than the slots, or a rolling context for a model
+        with a slot embedding.
+    """
+    n = model.max_trajectories
+    if attempts <= n:
+        return at.make_actor(model, mesh, attempts=attempts, horizon=horizon, greedy=greedy)
+    check_episodes_fit("the evaluation env", horizon, model.max_timestep)
+    return Actor(model, mesh, max_steps=n * horizon, greedy=greedy, keep_episodes=n)
+
+
+def check_eval_context(
+    config: ml_collections.ConfigDict, env_id: str, *, attempts: int, episode_steps: int
+) -> None:
+    """Refuses evaluations the model cannot act in: attempts < 1, episodes longer than a slot,
+    or more than n attempts (a rolling context) with a slot embedding.
+
+    Raises:
+      ValueError: one line naming the sizes and the fix.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    check_episodes_fit(env_id, episode_steps, config.data.horizon)
+    check_rolling(config, attempts)
+
+
+def check_rolling(config: ml_collections.ConfigDict, attempts: int) -> None:
+    """Raises ValueError if `attempts` > n needs a rolling context the model cannot have."""
+    n = config.data.num_trajectories
+    if attempts > n and config.model.slot_embedding:
+        raise ValueError(
+            f"config.eval.attempts={attempts} > n={n} needs a rolling context, which a model with "
+            "config.model.slot_embedding=True cannot have (slot indices past n were never "
+            "trained); set slot_embedding=False or attempts <= n"
+        )
 
 
 def make_policy(actor: Actor, params: Any, *, target_return: float, seed: int) -> ActorPolicy:

@@ -167,7 +167,12 @@ def test_rolling_decode_matches_dense_over_the_kept_episodes(
         start = first[np.arange(B), oldest] * chunk  # [B] first token of the oldest kept episode
         sl = slice(c * chunk, (c + 1) * chunk)
         out, cache = f(
-            cache, q[:, sl], k[:, sl], v[:, sl], seg[:, sl] if with_seg else None, jnp.asarray(start)
+            cache,
+            q[:, sl],
+            k[:, sl],
+            v[:, sl],
+            seg[:, sl] if with_seg else None,
+            jnp.asarray(start),
         )
         for b in range(B):
             kept = slice(int(start[b]), (c + 1) * chunk)
