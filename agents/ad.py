@@ -46,30 +46,58 @@ MODE = "ad"
 
 
 class HistorySampler(SlotSampler):
-    """n consecutive episodes of one task's learning history per context, in learning order.
+    """n episodes of one task's learning history per context, in learning order, every
+    `stride`-th one (stride 1: consecutive).
 
-    Takes the arguments of agents.at.SlotSampler; the trajectories' episodes must be in learning
-    order within each task (as envs.generate.learning_histories writes them).
+    A stride k > 1 subsamples the history (Laskin et al. 2022 also subsample their learners), so
+    one context of n episodes spans (n - 1) * k + 1 learner episodes and shows k times as much
+    improvement; the model then learns to improve k times faster than the learner did.
+
+    Args:
+      trajectories, num_trajectories, horizon, seed: as agents.at.SlotSampler; the episodes must
+        be in learning order within each task (as envs.generate.learning_histories writes them).
+      stride: k >= 1, learner episodes between consecutive episodes of a context.
 
     Raises:
-      ValueError: no task has n episodes.
+      ValueError: stride < 1, or no task has (n - 1) * k + 1 episodes.
     """
 
+    def __init__(
+        self,
+        trajectories: Any,
+        *,
+        num_trajectories: int,
+        horizon: int | None = None,
+        seed: int = 0,
+        stride: int = 1,
+    ):
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"config.data.history_stride={stride!r} must be an integer >= 1")
+        self.stride = stride
+        super().__init__(
+            trajectories, num_trajectories=num_trajectories, horizon=horizon, seed=seed
+        )
+
+    @property
+    def span(self) -> int:
+        """Learner episodes one context spans: (n - 1) * stride + 1."""
+        return (self.num_trajectories - 1) * self.stride + 1
+
     def usable_groups(self, groups: list[np.ndarray]) -> list[np.ndarray]:
-        """The tasks with at least n episodes (a context is n consecutive ones)."""
-        groups = [g for g in groups if len(g) >= self.num_trajectories]
+        """The tasks whose history spans a context."""
+        groups = [g for g in groups if len(g) >= self.span]
         if not groups:
             raise ValueError(
-                f"AD needs a task with >= num_trajectories={self.num_trajectories} episodes; "
-                "lower num_trajectories"
+                f"AD needs a task with >= (num_trajectories - 1) * history_stride + 1 = "
+                f"{self.span} episodes; lower num_trajectories or history_stride (or raise "
+                "episodes_per_task)"
             )
         return groups
 
     def episodes(self, group: np.ndarray) -> np.ndarray:
-        """n consecutive episodes of the task, from a random start."""
-        n = self.num_trajectories
-        first = self._rng.integers(len(group) - n + 1)
-        return group[first : first + n]
+        """n episodes of the task `stride` apart, from a random start."""
+        first = self._rng.integers(len(group) - self.span + 1)
+        return group[first : first + self.span : self.stride]
 
     def order_and_target(self, episodes: np.ndarray, returns: np.ndarray) -> tuple[Any, float]:
         """Learning order, target 0 (not return-conditioned)."""
@@ -77,21 +105,35 @@ class HistorySampler(SlotSampler):
 
 
 def make_sampler(
-    trajectories: Any, *, num_trajectories: int, horizon: int | None, seed: int
+    trajectories: Any,
+    *,
+    num_trajectories: int,
+    horizon: int | None,
+    seed: int,
+    stride: int = 1,
 ) -> HistorySampler:
-    """The AD sampler: n consecutive episodes of one task's learning history, targets 0."""
+    """The AD sampler: n episodes of one task's learning history, `stride` apart, targets 0."""
     return HistorySampler(
-        trajectories, num_trajectories=num_trajectories, horizon=horizon, seed=seed
+        trajectories,
+        num_trajectories=num_trajectories,
+        horizon=horizon,
+        seed=seed,
+        stride=stride,
     )
 
 
 def sampler_for(
     trajectories: Any, config: ml_collections.ConfigDict, *, seed: int
 ) -> HistorySampler:
-    """`make_sampler` of a config (n = config.data.num_trajectories, slot config.data.horizon)."""
+    """`make_sampler` of a config (n = config.data.num_trajectories, slot config.data.horizon,
+    stride config.data.history_stride)."""
     d = config.data
     return make_sampler(
-        trajectories, num_trajectories=d.num_trajectories, horizon=d.horizon, seed=seed
+        trajectories,
+        num_trajectories=d.num_trajectories,
+        horizon=d.horizon,
+        seed=seed,
+        stride=d.history_stride,
     )
 
 
