@@ -13,6 +13,7 @@ Dimension letters: N steps, E episodes, S observation dim, A action dim.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -28,17 +29,22 @@ from ringrl.envs.trajectories import Trajectories
 Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # obs [B, S] -> actions [B, A]
 
 
+STAY = 0  # darkroom.MOVES[0]
+EXPLORE = ("uniform", "novel")  # how an epsilon-greedy learner picks its exploratory actions
+
+
 def learning_histories(
     env_name: str,
     tasks: Sequence[int] | np.ndarray,
     episodes_per_task: int,
     seed: int = 0,
     *,
-    lr: float = 0.5,
+    lr: float = 1.0,
     gamma: float = 0.9,
     eps_start: float = 1.0,
     eps_end: float = 0.0,
-    decay_fraction: float = 0.6,
+    decay_fraction: float = 0.7,
+    explore: str = "novel",
     progress: bool = False,
 ) -> Trajectories:
     """Learning histories of epsilon-greedy tabular Q-learning, one independent learner per task.
@@ -48,6 +54,15 @@ def learning_histories(
     first episodes are a random walk and its last ones follow the learned greedy policy: the
     improvement curve Algorithm Distillation learns to reproduce in context. Greedy ties break at
     random. Time-limit truncation bootstraps; only a true termination (the door) does not.
+
+    An exploratory step is either uniform over the actions (`explore="uniform"`, the textbook
+    learner) or, with `explore="novel"` (the default), an episodic explorer's step: "stay" right
+    after a rewarded step (win-stay: on DarkRoom's goal staying pays again; on KeyToDoor's key it
+    does not, and the next step explores on), otherwise uniform over the actions that lead to a
+    state not yet visited in this episode, falling back to uniform when there is none. A purely
+    exploring DarkRoom episode then covers 17.5 distinct cells (uniform: 10.3), finds the goal in
+    23% of episodes (12%) and returns 2.45 (0.24), against 2.84 for the best possible blind
+    20-step sweep.
 
     Args:
       env_name: "darkroom" or "darkkeytodoor" (or their gym ids).
@@ -59,6 +74,7 @@ def learning_histories(
       eps_start: exploration rate of the first episode.
       eps_end: exploration rate after the decay.
       decay_fraction: fraction of the episodes over which epsilon decays.
+      explore: "uniform" or "novel" (see above).
       progress: show a tqdm bar over episodes (all tasks advance together).
 
     Returns:
@@ -78,6 +94,8 @@ def learning_histories(
             "need 0 <= eps_end <= eps_start <= 1 and 0 < decay_fraction <= 1, got "
             f"{eps_end}, {eps_start}, {decay_fraction}"
         )
+    if explore not in EXPLORE:
+        raise ValueError(f"explore must be one of {EXPLORE}, got {explore!r}")
     episodes = int(episodes_per_task)
     env = darkroom.VectorDarkRoom(name, tasks)
     n, horizon, num_actions = env.num_envs, env.horizon, len(darkroom.MOVES)
@@ -97,15 +115,24 @@ def learning_histories(
     for e in tqdm(range(episodes), desc=f"{name} histories", unit="ep", disable=not progress):
         eps = eps_end + (eps_start - eps_end) * max(0.0, 1.0 - e / decay_episodes)
         # All of an episode's random draws at once: the step loop is the hot path.
-        explore = rng.random((horizon, n)) < eps
+        exploring = rng.random((horizon, n)) < eps
         random_actions = rng.integers(0, num_actions, (horizon, n))
+        explore_noise = rng.random((horizon, n, num_actions)) if explore == "novel" else None
         tie_noise = rng.random((horizon, n, num_actions))
         s = np.full(n, start)
         active = np.ones(n, bool)
+        visited = np.zeros((n, env.num_states), bool)
+        last_reward = np.zeros(n)
         for t in range(horizon):
             qs = q[rows, s]
             greedy = np.argmax((qs == qs.max(axis=1, keepdims=True)) * tie_noise[t], axis=1)
-            a = np.where(explore[t], random_actions[t], greedy)
+            random_a = random_actions[t]
+            if explore == "novel":  # uniform over actions to unvisited states, if any
+                visited[rows, s] = True
+                novel = ~visited[rows[:, None], next_state[rows, s]]  # [n, actions]
+                random_a = np.argmax(novel + explore_noise[t], axis=1)  # noise in [0, 1)
+                random_a = np.where(last_reward > 0, STAY, random_a)  # win-stay
+            a = np.where(exploring[t], random_a, greedy)
             s2, r, term = next_state[rows, s, a], reward[rows, s, a], terminal[rows, s, a]
             target = r + gamma * q[rows, s2].max(axis=1) * ~term
             # Rows whose episode already ended keep stepping (cheaper than compacting) but are
@@ -115,7 +142,7 @@ def learning_histories(
             terminals[:, e, t] = term & active
             valid[:, e, t] = active
             active &= ~term
-            s = s2
+            s, last_reward = s2, r
             if not active.any():
                 break
 
@@ -137,6 +164,7 @@ def learning_histories(
         "eps_start": float(eps_start),
         "eps_end": float(eps_end),
         "decay_fraction": float(decay_fraction),
+        "explore": explore,
         "ref_min_score": random_return(name, env.tasks, seed=seed),
         "ref_max_score": float(np.mean([darkroom.optimal_return(name, t) for t in env.tasks])),
     }
@@ -150,6 +178,13 @@ def learning_histories(
         task_id=task_arr,
         metadata=metadata,
     )
+
+
+# The learner settings a config may choose (config.data.learner), with the defaults above.
+LEARNER_DEFAULTS = {
+    k: inspect.signature(learning_histories).parameters[k].default
+    for k in ("explore", "lr", "decay_fraction")
+}
 
 
 def transition_tables(env: darkroom.VectorDarkRoom) -> tuple[np.ndarray, ...]:

@@ -46,14 +46,31 @@ def in_context(env: str) -> bool:
     return True
 
 
+def learner_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The Q-learners' settings (`config.data.learner`: explore, lr, decay_fraction), defaulting
+    to envs.generate.learning_histories' own defaults for configs that do not set them."""
+    from ringrl.envs.generate import LEARNER_DEFAULTS
+
+    given = config.data.get("learner") or {}
+    unknown = set(given) - set(LEARNER_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"config.data.learner has unknown keys {sorted(unknown)}; valid: "
+            f"{sorted(LEARNER_DEFAULTS)}"
+        )
+    return ml_collections.ConfigDict({**LEARNER_DEFAULTS, **dict(given)})
+
+
 def histories_path(config: ml_collections.ConfigDict) -> str:
     """Cache file of the generated learning histories; the name encodes every generator input."""
     d = config.data
+    learner = learner_settings(config)
     name = darkroom.canonical_name(d.env)
     return os.path.join(
         d.dir,
         f"{name}_histories_train{d.num_train_tasks}of{d.num_train_tasks + d.num_heldout_tasks}"
-        f"_split{d.split_seed}_ep{d.episodes_per_task}_seed{d.history_seed}.hdf5",
+        f"_split{d.split_seed}_ep{d.episodes_per_task}_seed{d.history_seed}"
+        f"_{learner.explore}_lr{learner.lr:g}_decay{learner.decay_fraction:g}.hdf5",
     )
 
 
@@ -84,7 +101,13 @@ def load_data(config: ml_collections.ConfigDict, *, verbose: bool = True) -> Dat
         traj = load_cache(path)  # None if absent, or unreadable (says so; regenerated below)
         if traj is None:
             start = time.perf_counter()
-            traj = learning_histories(name, train, d.episodes_per_task, seed=d.history_seed)
+            traj = learning_histories(
+                name,
+                train,
+                d.episodes_per_task,
+                seed=d.history_seed,
+                **learner_settings(config).to_dict(),
+            )
             os.makedirs(d.dir, exist_ok=True)
             traj.save(path)
             if verbose:

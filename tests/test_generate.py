@@ -75,6 +75,30 @@ def test_histories_deterministic():
     assert not np.array_equal(a.actions[: len(c.actions)], c.actions[: len(a.actions)])
 
 
+def test_novel_exploration_covers_more_cells():
+    """With epsilon 1 (pure exploration) a "novel" explorer's episode visits far more distinct
+    cells than a uniform random walk, finds more goals and stays on them: what the default
+    histories rely on."""
+
+    def coverage(explore):
+        data = generate.learning_histories(
+            "darkroom", list(range(81)), 20, seed=0, eps_end=1.0, explore=explore
+        )
+        cells = [
+            len({tuple(o) for o in data.observations[a:b]})
+            for a, b in zip(data.episode_starts[:-1], data.episode_starts[1:], strict=True)
+        ]
+        returns = np.add.reduceat(data.rewards, data.episode_starts[:-1])
+        return np.mean(cells), np.mean(returns > 0), np.mean(returns)
+
+    (uniform_cells, uniform_found, uniform_return), (novel_cells, novel_found, novel_return) = map(
+        coverage, ("uniform", "novel")
+    )
+    assert novel_cells > 16 > 12 > uniform_cells  # 17.5 (fewer once it stays) against 10.3
+    assert novel_found > 1.5 * uniform_found  # 23% against 12% of the episodes
+    assert novel_return > 5 * uniform_return  # win-stay: 2.45 against 0.24
+
+
 def test_histories_bad_input():
     with pytest.raises(ValueError, match="valid: darkroom"):
         generate.learning_histories("lightroom", [0], 10)
@@ -84,6 +108,8 @@ def test_histories_bad_input():
         generate.learning_histories("darkroom", [0], 0)
     with pytest.raises(ValueError, match="at least one task"):
         generate.learning_histories("darkroom", [], 10)
+    with pytest.raises(ValueError, match="explore must be one of"):
+        generate.learning_histories("darkroom", [0], 10, explore="greedy")
 
 
 def test_histories_file_round_trip(histories, tmp_path):
