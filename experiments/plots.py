@@ -78,7 +78,15 @@ def returns_by_attempt(
             )
     if reference is not None:
         ax.axhline(reference, ls="--", c="gray", label=reference_label)
-    ax.set_xlabel("attempt (earlier attempts in context)")
+    rolls = any(
+        r.get("context_episodes") is not None and r["context_episodes"] < len(r["return_mean"])
+        for r in results.values()
+    )
+    ax.set_xlabel(
+        "episode in a row (the n most recent in context)"
+        if rolls
+        else "attempt (earlier attempts in context)"
+    )
     ax.set_ylabel("return (mean ± standard error)")
     attempts = max(len(r["return_mean"]) for r in results.values())
     step = max(1, -(-attempts // 16))  # at most ~16 labelled ticks, so labels never overlap
