@@ -86,7 +86,7 @@ def test_cached_actor_matches_full_recompute(
     np.testing.assert_array_equal(np.asarray(state.attempt), [2, 2])
 
 
-ROLLING_LENGTHS = (3, 4, 2, 4, 1, 3, 4)  # 7 episodes > 3n for n = 2 kept episodes
+ROLLING_LENGTHS = (3, 4, 4, 2, 4, 1, 3, 4)  # 8 episodes > 3n for n = 2 kept; 4, 4 fills it
 
 
 @pytest.mark.parametrize("tokens_per_step", [1, 4])
