@@ -26,6 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.mode = "ad"  # n episodes of one learning history, in learning order
     # Learner episodes between consecutive episodes of a context: n = 8 episodes 4 apart span 29
     # of the 100-episode histories, enough to see the learner go from random to near its best.
+    # Tuned on the validation goals (40 rolling episodes, mean of the last 10): n=8 stride 4 4000
+    # steps 14.54 ± 1.27; stride 8 14.37 ± 1.40; n=16 stride 4 11.03 ± 2.24; 6000 steps 12.92 ±
+    # 1.73 (one seed each).
     config.data.history_stride = arg.stride or 4
     config.eval.target_return = 0.0  # AD is not return-conditioned (its target tokens are 0)
     # Episodes in a row per goal: more than n, so the context rolls (the n most recent are kept).
