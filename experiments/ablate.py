@@ -166,7 +166,8 @@ def main(argv: list[str]) -> None:
     print("on the same goal scored / when none did (n = episodes, pooled over seeds)")
     print("data: best of n: mean return of the best of n trajectories in a training context (the")
     print("relabelled target the last slot imitates; training goals, where the goal is known)")
-    print("per attempt (mean over seeds) against the data's slot k (k-th worst of n draws):")
+    if rows:
+        print("per attempt (mean over seeds) against the data's slot k (k-th worst of n draws):")
     for row in rows:
         agent = " ".join(f"{r:5.2f}" for r in row["return_by_attempt"])
         data = " ".join(f"{r:5.2f}" for r in row["data_by_slot"])
