@@ -15,6 +15,17 @@ as agents.batch.link_previous lays them out in training. So every step appends e
 and costs O(context / n) per device, however long the context; earlier attempts simply stay in
 the cache.
 
+A *rolling* actor (`keep_episodes=n`, Algorithm Distillation's evaluation) plays any number of
+episodes with a context of the n most recent ones: its caches are ring buffers
+(`ring.decode.init_cache(rolling=True)`) of n episodes' capacity, and every step hides the tokens
+before the first step of the oldest kept episode (`decode_step(start=...)`: the last n - 1 finished
+episodes plus the current one), so no half-overwritten episode stays visible and memory is
+constant however long the evaluation runs. The model must have no absolute position: with
+`slot_embedding` the attempt index would keep growing past the slots it was trained on. Keys and
+values of the first layer are exactly what a recompute over the kept episodes gives; deeper layers
+keep the keys each token got when it was appended (it then saw its own n most recent episodes),
+the usual sliding-window cache.
+
 At the very first call there is no previous step: its trailing-token slots are appended as
 padding (segment id 0, invisible to real tokens, as in training). Real tokens have segment id 1.
 (The Decision Transformer does not use this cache: agents.dt.WindowActor recomputes its K-step
@@ -59,6 +70,8 @@ class ActorState:
       prev_attempt: [B] int32, attempt of the last step.
       prev_t: [B] int32, timestep of the last step.
       has_prev: [B] bool, a last step exists (False before the first act).
+      episode_starts: [B, n] int32, rolling actor: first token position of each of the n most
+        recent episodes, episode e at column e mod n ([B, 1] zeros otherwise).
     """
 
     caches: tuple[decode.KVCache, ...]
@@ -71,6 +84,7 @@ class ActorState:
     prev_attempt: jax.Array
     prev_t: jax.Array
     has_prev: jax.Array
+    episode_starts: jax.Array
 
 
 class Actor:
@@ -84,6 +98,12 @@ class Actor:
       windows: per-layer attention windows in tokens for acting (default: the model's).
       greedy: argmax / tanh mean (True) or sample from the logits / Gaussian around the mean.
       action_std: std of the Gaussian for non-greedy continuous actions.
+      keep_episodes: 0 keeps every step (at most max_steps); n >= 1 makes a rolling actor that
+        keeps the n most recent episodes (max_steps must hold n of the longest episodes).
+
+    Raises:
+      ValueError: max_steps < 1, keep_episodes < 0, a wrong number of windows, or a rolling
+        actor for a model with a slot embedding.
     """
 
     def __init__(
@@ -95,10 +115,22 @@ class Actor:
         windows: tuple[int | None, ...] | None = None,
         greedy: bool = True,
         action_std: float = 0.1,
+        keep_episodes: int = 0,
     ):
         n_data, n_seq = backbone.mesh_sizes(mesh)
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if keep_episodes < 0:
+            raise ValueError(
+                f"keep_episodes must be >= 0 (0: keep everything), got {keep_episodes}"
+            )
+        if keep_episodes and model.slot_embedding:
+            raise ValueError(
+                "a rolling context (more episodes than the model's n slots) needs a model without "
+                "absolute positions, but this one embeds the trajectory slot; train with "
+                "config.model.slot_embedding=False"
+            )
+        self.keep_episodes = int(keep_episodes)
         self.model = model
         self.mesh = mesh
         self.k = model.tokens_per_step
@@ -138,6 +170,7 @@ class Actor:
                 head_dim,
                 mesh=self.mesh,
                 with_segment_ids=True,
+                rolling=self.keep_episodes > 0,
             )
             for _ in range(self.model.num_layers)
         )
@@ -156,6 +189,7 @@ class Actor:
             prev_attempt=zeros_i,
             prev_t=zeros_i,
             has_prev=np.zeros((b,), bool),
+            episode_starts=np.zeros((b, max(1, self.keep_episodes)), np.int32),
         )
         arrays = {k: put_global(v, self._env) for k, v in host.items()}
         return ActorState(caches=caches, **arrays)
@@ -241,8 +275,22 @@ class Actor:
     def _segment(self, attempt: jax.Array) -> jax.Array:
         return jnp.ones_like(attempt)
 
+    def _visible_start(self, state: ActorState) -> tuple[jax.Array, jax.Array]:
+        """Rolling actor: (episode_starts with this step's episode recorded, [B] first visible
+        token position: the first token of the oldest of the n most recent episodes)."""
+        n = self.keep_episodes
+        # This step's first token follows the previous step's trailing tokens.
+        first = state.caches[0].lengths + len(self.trailing)  # [B]
+        column = jnp.arange(n)[None, :]
+        new = (state.t == 0)[:, None] & (column == (state.attempt % n)[:, None])
+        starts = jnp.where(new, first[:, None], state.episode_starts)
+        oldest = jnp.take_along_axis(starts, ((state.attempt + 1) % n)[:, None], axis=1)[:, 0]
+        return starts, jnp.where(state.attempt >= n - 1, oldest, 0)
+
     def _step_impl(self, params, state: ActorState, obs, target, rng):
         model = self.model
+        rolling = self.keep_episodes > 0
+        starts, start = self._visible_start(state) if rolling else (state.episode_starts, None)
         prev = {
             "actions": state.prev_action,
             "rewards": state.prev_reward,
@@ -259,6 +307,8 @@ class Actor:
             "prev_truncated": state.prev_truncated,
             "has_prev": state.has_prev,
         }
+        if rolling:
+            cur["start"] = start
 
         def body(m, caches, prev, cur, state):
             # Per shard: this device's environments only (state is sharded P(DATA)).
@@ -277,7 +327,9 @@ class Actor:
             for blk, cache, window in zip(m.blocks, caches, self.windows):
                 q, k, v = blk.project(x)
                 cache = decode.append(cache, k, v, segment_ids=segment_ids)
-                a = decode.decode_step(q, cache, window=window, segment_ids=segment_ids)
+                a = decode.decode_step(
+                    q, cache, window=window, segment_ids=segment_ids, start=cur.get("start")
+                )
                 x = blk.finish(x, a)
                 new_caches.append(cache)
             return m.predict(x[:, -1]), tuple(new_caches)
@@ -303,6 +355,7 @@ class Actor:
             prev_attempt=state.attempt,
             prev_t=state.t,
             has_prev=jnp.ones_like(state.has_prev),
+            episode_starts=starts,
         )
         return action, pred, new_state
 

@@ -246,5 +246,6 @@ def check_attempts(attempts: int, num_trajectories: int) -> None:
         raise ValueError(
             f"evaluation asks for {attempts} attempts in context but the model was built for "
             f"n={num_trajectories} trajectories (config.data.num_trajectories); use "
-            f"--attempts <= {num_trajectories} or train with a larger n"
+            f"attempts <= {num_trajectories} or train with a larger n (only mode 'ad' plays more "
+            "attempts than n, with a rolling context)"
         )

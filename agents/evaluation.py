@@ -102,6 +102,10 @@ def evaluate_agent(
 ) -> dict[str, Any]:
     """Runs the agent in `data.env_id` for K attempts per environment (see envs.evaluate).
 
+    K may exceed the n episodes of the context only for AD (mode "ad"), whose context then rolls
+    (the n most recent episodes are kept); the result's `context_episodes` is n (None for DT) and
+    its per-attempt means and standard errors are the return curve per episode.
+
     The target token is `agents.agent.policy_target`; with config.eval.oracle_target the goals
     are evaluated in groups of equal optimal return, each with that return as its target.
     """
@@ -149,6 +153,8 @@ def evaluate_agent(
         result["steps_per_second"] = float(np.mean([r["steps_per_second"] for r in results]))
     if reference is not None:
         result["reference_random"], result["reference_optimal"] = reference
+    # Episodes the context holds (AT/AD: n); fewer than the attempts means AD's rolling context.
+    result["context_episodes"] = None if config.data.mode == "dt" else config.data.num_trajectories
     return result
 
 

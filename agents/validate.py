@@ -104,6 +104,24 @@ def validate(
     _int_at_least(errors, "eval.attempts", e.attempts, 1)
     _int_at_least(errors, "eval.num_envs", e.num_envs, 1)
     _int_at_least(errors, "eval.max_steps", e.max_steps, 0, " (0: the env's time limit)")
+    if (
+        d.mode in ("at", "ad")
+        and all(isinstance(x, int) and x >= 1 for x in (e.attempts, d.num_trajectories))
+        and e.attempts > d.num_trajectories
+    ):
+        if d.mode == "at":
+            errors.append(
+                f"config.eval.attempts={e.attempts} > config.data.num_trajectories="
+                f"{d.num_trajectories}: mode 'at' keeps every attempt in its n slots; only mode "
+                "'ad' plays more attempts than n (a rolling context of the n most recent "
+                f"episodes); use eval.attempts <= {d.num_trajectories}"
+            )
+        elif m.slot_embedding:
+            errors.append(
+                f"config.eval.attempts={e.attempts} > config.data.num_trajectories="
+                f"{d.num_trajectories} needs a rolling context, which config.model.slot_embedding"
+                "=True rules out (slots past n were never trained); set it to False"
+            )
     if e.tasks not in EVAL_TASKS:
         errors.append(f"config.eval.tasks={e.tasks!r} must be one of {EVAL_TASKS}")
 

@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_trajectories=n,  # n: trajectories per context
         horizon=20,  # steps reserved per trajectory (DarkRoom episodes have 20)
         context_steps=0,  # "dt" only: window of K steps; "at"/"ad" use n * horizon
+        history_stride=1,  # "ad" only: a context takes every k-th episode of a learning history
     )
     config.model = dict(
         embed_dim=64,  # width W

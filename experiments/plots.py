@@ -38,6 +38,10 @@ def returns_by_attempt(
 ) -> str:
     """Mean return per attempt with a standard-error band, one line per labelled result.
 
+    A result whose agent played more attempts than its context holds (AD's rolling context:
+    `context_episodes` < attempts, see agents.evaluation.evaluate_agent) gets a dotted line where
+    its context starts to roll (from then on only the n most recent episodes are in context).
+
     Args:
       results: label -> `envs.evaluate.evaluate(...)` result (uses return_mean/return_se; results
         written before standard errors existed fall back to return_std).
@@ -54,13 +58,35 @@ def returns_by_attempt(
         mean = np.asarray(result["return_mean"])
         std = np.asarray(result.get("return_se") or result["return_std"])
         x = np.arange(1, len(mean) + 1)
-        (line,) = ax.plot(x, mean, marker="o", label=f"{label} ({result['num_episodes']} episodes)")
+        (line,) = ax.plot(
+            x,
+            mean,
+            marker="o",
+            markersize=3 if len(x) > 16 else 6,
+            label=f"{label} ({result['num_episodes']} episodes)",
+        )
         if len(x) == 1:  # one attempt: an error bar, a band would have no width
             ax.errorbar(x, mean, yerr=std, capsize=4, color=line.get_color())
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        context = result.get("context_episodes")
+        if context is not None and context < len(x):
+            ax.axvline(
+                context + 0.5,
+                ls=":",
+                c=line.get_color(),
+                label=f"{label}: context rolls (keeps the {context} most recent)",
+            )
     if reference is not None:
         ax.axhline(reference, ls="--", c="gray", label=reference_label)
-    ax.set_xlabel("attempt (earlier attempts in context)")
+    rolls = any(
+        r.get("context_episodes") is not None and r["context_episodes"] < len(r["return_mean"])
+        for r in results.values()
+    )
+    ax.set_xlabel(
+        "episode in a row (the n most recent in context)"
+        if rolls
+        else "attempt (earlier attempts in context)"
+    )
     ax.set_ylabel("return (mean ± standard error)")
     attempts = max(len(r["return_mean"]) for r in results.values())
     step = max(1, -(-attempts // 16))  # at most ~16 labelled ticks, so labels never overlap
@@ -78,6 +104,7 @@ def return_vs_context(
     title: str = "",
     baseline: Mapping[str, Any] | None = None,
     metric: str = "return",
+    others: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> str:
     """Mean ± standard error (over seeds) of a return metric against n, trajectories in context.
 
@@ -87,11 +114,24 @@ def return_vs_context(
       title: figure title.
       baseline: optional {"label", "mean", "se"} drawn as a horizontal band (e.g. DT).
       metric: y-axis label.
+      others: label -> rows like `rows` of other agents (e.g. AD), drawn as further series.
 
     Returns:
       The written path.
     """
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, (label, series) in enumerate((others or {}).items()):
+        if series:
+            ax.errorbar(
+                [r["n"] for r in series],
+                [r["mean"] for r in series],
+                yerr=[r["se"] for r in series],
+                marker="sD^v"[i % 4],
+                ls="none",
+                capsize=4,
+                color=f"C{i + 2}",
+                label=label,
+            )
     n = np.array([r["n"] for r in rows])
     mean = np.array([r["mean"] for r in rows])
     std = np.array([r["se"] for r in rows])

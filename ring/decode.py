@@ -19,6 +19,16 @@ Per step (inside `jax.shard_map` over `SEQ`):
 Work per device is O(Tq * T_max / n) whatever the fill level, and lengths are traced values, so a
 jitted step compiles once and its latency stays flat as the cache fills.
 
+A *rolling* cache (`init_cache(..., rolling=True)`) is a ring buffer over the same arrays: the token
+at absolute position p is written at position `p mod T_max`, overwriting the token T_max before it,
+so its arrays keep their shape however many tokens are appended. `lengths` still counts every token
+ever appended, so the slot at position s holds absolute position `s + T_max * floor((lengths - 1 -
+s) / T_max)` (the latest one congruent to s), and causal, window and segment masks act on absolute
+positions as before: a query sees at most the T_max most recent tokens. `decode_step(...,
+start=...)` hides everything before a per-batch absolute position, so a caller that keeps whole
+episodes (agents.act: the n most recent) never sees the stale part of a half-overwritten one. This
+needs a model without absolute positions (every cached token is in the query's past either way).
+
 Dimension letters: B batch, T positions, H heads, D head dim; Tq new tokens per step, Tl = T_max/n.
 """
 
@@ -48,6 +58,8 @@ class KVCache:
       segment_ids: [B, T_max] int32 in layout order, or None when the cache has no segments.
       layout: one of `ring.layout.LAYOUTS` (static).
       stripe: tokens per stripe for the striped layout (static; 1 for contiguous).
+      rolling: ring buffer (static): position p is stored at `p mod T_max` and `lengths` counts
+        every token appended, so the oldest tokens are overwritten instead of overflowing.
     """
 
     k: jax.Array
@@ -56,6 +68,7 @@ class KVCache:
     segment_ids: jax.Array | None = None
     layout: str = dataclasses.field(default="contiguous", metadata=dict(static=True))
     stripe: int = dataclasses.field(default=1, metadata=dict(static=True))
+    rolling: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def max_len(self) -> int:
@@ -100,6 +113,7 @@ def init_cache(
     layout: str = "contiguous",
     stripe: int = 1,
     with_segment_ids: bool = False,
+    rolling: bool = False,
 ) -> KVCache:
     """Creates an empty cache (lengths 0), sharded `P(DATA, SEQ)` over `mesh` when given.
 
@@ -114,6 +128,7 @@ def init_cache(
       layout: one of `ring.layout.LAYOUTS`, the layout the ring uses for this sequence.
       stripe: striped layout only: consecutive tokens kept together on one device.
       with_segment_ids: also store per-position segment ids (zeros initially).
+      rolling: a ring buffer keeping the T_max most recent tokens (see the module docstring).
 
     Returns:
       A KVCache.
@@ -145,6 +160,7 @@ def init_cache(
             segment_ids=jnp.zeros((batch, max_len), jnp.int32) if with_segment_ids else None,
             layout=layout,
             stripe=stripe,
+            rolling=bool(rolling),
         )
 
     if mesh is None:
@@ -230,6 +246,8 @@ def check_capacity(cache: KVCache, num_new: int) -> None:
     Raises:
       ValueError: some length + num_new exceeds the capacity.
     """
+    if cache.rolling:  # a ring buffer overwrites its oldest tokens instead
+        return
     lengths = np.asarray(jax.device_get(cache.lengths))
     worst = int(lengths.max(initial=0)) + int(num_new)
     if worst > cache.max_len:
@@ -257,6 +275,9 @@ def append(
       segment_ids: [B, Tq] int segment ids of the new tokens; required iff the cache stores them.
       axis_name: the ring's mesh axis.
 
+    A rolling cache writes position p at `p mod T_max` (overwriting the token T_max positions
+    earlier) and never overflows.
+
     Returns:
       The updated cache with lengths advanced by Tq.
 
@@ -283,8 +304,11 @@ def append(
         raise ValueError(f"append: segment_ids shape {segment_ids.shape} != (B, Tq) = {(b, tq)}")
 
     lengths = cache.lengths.astype(jnp.int32)
-    _report_overflow(lengths, tq, t_max, idx)
     pos = lengths[:, None] + jnp.arange(tq, dtype=jnp.int32)[None, :]  # [B, Tq]
+    if cache.rolling:
+        pos = pos % t_max  # ring buffer: overwrite the oldest tokens
+    else:
+        _report_overflow(lengths, tq, t_max, idx)
     owner, slot = position_owner(pos, t_local, n, cache.layout, cache.stripe)
     # Positions owned elsewhere (or past the end) get an out-of-range slot and are dropped.
     slot = jnp.where((owner == idx) & (pos < t_max), slot, t_local)
@@ -307,6 +331,7 @@ def decode_step(
     window: int | None = None,
     segment_ids: jax.Array | None = None,
     block_kv: int | None = None,
+    start: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of the Tq newest tokens over the whole cached prefix (per-shard function).
 
@@ -324,6 +349,12 @@ def decode_step(
       segment_ids: [B, Tq] int ids of the queries; required iff the cache stores segment ids.
       block_kv: if given, the local slots are processed in chunks of this many with an online
         softmax, bounding the score matrix to [B, H, Tq, block_kv] (useful for long prefills).
+      start: [B] int, first visible absolute position per batch element (earlier tokens are
+        hidden), e.g. where the oldest episode kept by a rolling cache begins; None = 0.
+
+    Positions are absolute: in a rolling cache (see `append`) each slot's absolute position is
+    derived from `lengths`, so a query sees the cached tokens in [max(start, lengths - T_max), its
+    own position] (and its window, segment), whatever slots they sit in.
 
     Returns:
       [B, Tq, H, D] in q.dtype.
@@ -353,15 +384,29 @@ def decode_step(
             f"Tl = T_max / n = {t_local}; pick a divisor or None"
         )
 
-    q_pos = cache.lengths.astype(jnp.int32)[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)
+    if start is not None and jnp.shape(start) != (b,):
+        raise ValueError(f"decode_step: start shape {jnp.shape(start)} != (B,) = ({b},)")
+
+    lengths = cache.lengths.astype(jnp.int32)
+    q_pos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)
     k_pos = local_positions(idx, n, t_local, cache.layout, cache.stripe)  # [Tl]
+    k_pos = jnp.broadcast_to(k_pos[None, :], (b, t_local)).astype(jnp.int32)  # [B, Tl]
+    if cache.rolling:
+        # The latest absolute position stored at each slot; never-written slots keep their
+        # position (>= lengths), so the causal test hides them as in a plain cache.
+        t_max = t_local * n
+        last = lengths[:, None] - 1
+        k_pos = jnp.where(k_pos <= last, k_pos + t_max * ((last - k_pos) // t_max), k_pos)
+    if start is not None:
+        # Hidden slots get a position after every query (the causal test drops them).
+        k_pos = jnp.where(k_pos < start.astype(jnp.int32)[:, None], jnp.iinfo(jnp.int32).max, k_pos)
     qf = q.astype(jnp.float32) * (1.0 / np.sqrt(d))
 
     def partial_softmax(kc, vc, kp, segc):
-        # kc, vc: [B, C, H, D]; kp: [C]; segc: [B, C] or None -> (o [B,Tq,H,D], lse [B,Tq,H]).
-        visible = kp[None, None, :] <= q_pos[:, :, None]  # [B, Tq, C]; also excludes empty slots
+        # kc, vc: [B, C, H, D]; kp: [B, C]; segc: [B, C] or None -> (o [B,Tq,H,D], lse [B,Tq,H]).
+        visible = kp[:, None, :] <= q_pos[:, :, None]  # [B, Tq, C]; also excludes empty slots
         if window is not None:
-            visible &= kp[None, None, :] > q_pos[:, :, None] - window
+            visible &= kp[:, None, :] > q_pos[:, :, None] - window
         if segc is not None:
             visible &= segment_ids[:, :, None] == segc[:, None, :]
         s = jnp.einsum("bqhd,bkhd->bqhk", qf, kc.astype(jnp.float32))
@@ -390,13 +435,13 @@ def decode_step(
             o_c, lse_c = partial_softmax(kc, vc, kp, segc)
             return merge(*carry, o_c, lse_c), None
 
-        xs = (chunks(cache.k), chunks(cache.v), k_pos.reshape(nb, block), seg)
+        xs = (chunks(cache.k), chunks(cache.v), chunks(k_pos), seg)
         # The first chunk seeds the carry, so it has the shard_map (varying) type of the rest.
         first = partial_softmax(*jax.tree.map(lambda x: x[0], xs))
         (o, lse), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], xs))
     out, _ = merge_over_axis(o, lse, axis_name)
     # After an overflow (see `append`) the newest keys were dropped: never return a quiet answer.
-    overflowed = cache.lengths > t_local * n
+    overflowed = (cache.lengths > t_local * n) & (not cache.rolling)
     out = jnp.where(overflowed[:, None, None, None], jnp.nan, out)
     return out.astype(q.dtype)
 

@@ -12,7 +12,7 @@ B, S, A = 2, 2, 3
 ATTEMPT_LENGTHS = (3, 4)  # two attempts; the first ends early (done) after 3 steps
 
 
-def _at_model(tokens_per_step):
+def _at_model(tokens_per_step, num_layers=2):
     model = at.make_model(
         action_dim=A,
         discrete=True,
@@ -20,9 +20,9 @@ def _at_model(tokens_per_step):
         horizon=4,
         tokens_per_step=tokens_per_step,
         embed_dim=16,
-        num_layers=2,
+        num_layers=num_layers,
         num_heads=2,
-        windows=(None, 10),  # one global and one sliding-window layer
+        windows=(None, 10)[:num_layers],  # one global and one sliding-window layer
     )
     params = backbone.init_params(model, jax.random.key(0), obs_dim=S)
     # Non-trivial state normalisation, as Agent.init_state sets it from the data.
@@ -84,6 +84,73 @@ def test_cached_actor_matches_full_recompute(
             state = actor.observe(state, reward, done, truncated)
             step += 1
     np.testing.assert_array_equal(np.asarray(state.attempt), [2, 2])
+
+
+ROLLING_LENGTHS = (3, 4, 4, 2, 4, 1, 3, 4)  # 8 episodes > 3n for n = 2 kept; 4, 4 fills it
+
+
+@pytest.mark.parametrize("tokens_per_step", [1, 4])
+def test_rolling_actor_matches_recompute_over_the_kept_episodes(tokens_per_step):
+    """AD's rolling actor (more episodes than the n = 2 slots) at every step equals the backbone
+    recomputed over exactly the n most recent episodes (same tokens; one layer, so every cached
+    key is what the recompute computes), and its caches keep their shape through 3n+ episodes."""
+    model, params = _at_model(tokens_per_step, num_layers=1)
+    n, horizon = model.max_trajectories, model.max_timestep
+    mesh = make_mesh([("data", 2), ("seq", 4)], jax.devices("cpu"))
+    actor = ad.make_actor(model, mesh, attempts=len(ROLLING_LENGTHS), horizon=horizon)
+    assert actor.keep_episodes == n and actor.capacity == tokens_per_step * n * horizon
+    state = actor.reset(B)
+    shapes = jax.tree.map(np.shape, state)
+    total = sum(ROLLING_LENGTHS)
+    history = {
+        k: np.array(v) for k, v in backbone.dummy_batch(model, S, batch_size=B, steps=total).items()
+    }
+    history["mask"][:] = False
+    window = n * horizon  # steps of the recompute: the kept episodes, padded at the end
+    recompute = jax.jit(lambda p, h, i: act.recompute_predict(model, p, h, i, mesh))
+    rng = np.random.default_rng(1)
+    step, firsts = 0, []
+    for attempt, length in enumerate(ROLLING_LENGTHS):
+        firsts.append(step)
+        for t in range(length):
+            obs = rng.normal(size=(B, S)).astype(np.float32)
+            target = np.zeros((B,), np.float32)
+            action, pred, state = actor.act_with_prediction(params, state, obs, target)
+            for key, value in dict(
+                observations=obs, target_returns=target, timesteps=t, traj_index=attempt, mask=1
+            ).items():
+                history[key][:, step] = value
+            link_previous(history)  # on the whole history: the tokens the actor embedded
+            first = firsts[max(0, attempt - n + 1)]
+            kept = {}
+            for key, value in history.items():
+                kept[key] = np.zeros_like(value[:, :window])
+                kept[key][:, : step + 1 - first] = value[:, first : step + 1]
+            want = recompute(params, kept, step - first)
+            np.testing.assert_allclose(pred, want, rtol=1e-5, atol=1e-5)
+            reward = rng.normal(size=B).astype(np.float32)
+            done = np.full((B,), t == length - 1)
+            history["actions"][:, step] = np.asarray(action)
+            history["rewards"][:, step] = reward
+            history["terminated"][:, step] = done
+            state = actor.observe(state, reward, done)
+            step += 1
+    assert jax.tree.map(np.shape, state) == shapes, "a rolling context keeps its shape"
+    np.testing.assert_array_equal(state.caches[0].lengths, [tokens_per_step * total] * B)
+    assert tokens_per_step * total > 2 * actor.capacity
+
+
+def test_only_ad_rolls(model_and_params):
+    """More attempts than slots: AD rolls, AT refuses naming the mode that allows it, and a
+    model with a slot embedding cannot roll."""
+    model, _ = model_and_params
+    mesh = make_mesh([("data", 1), ("seq", 1)], jax.devices("cpu")[:1])
+    assert ad.make_actor(model, mesh, attempts=2, horizon=4).keep_episodes == 0
+    assert ad.make_actor(model, mesh, attempts=40, horizon=4).keep_episodes == 2
+    with pytest.raises(ValueError, match="only mode 'ad' plays more attempts than n"):
+        at.make_actor(model, mesh, attempts=3, horizon=4)
+    with pytest.raises(ValueError, match="slot_embedding=False"):
+        ad.make_actor(model.clone(slot_embedding=True), mesh, attempts=3, horizon=4)
 
 
 def test_actor_errors(model_and_params):

@@ -174,3 +174,29 @@ def test_plots_cli(tmp_path, capsys):
         plots.main([str(tmp_path / "q.png"), f"x={tmp_path / 'missing.json'}"])
     assert e.value.code == 2 and "pass LABEL=PATH" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "q.png")
+
+
+def test_plots_of_a_rolling_evaluation_and_ad_in_the_ablation(tmp_path, monkeypatch):
+    """AD's 40-episode curve gets an SE band and a line where its context rolls; the ablation plot
+    takes AD's points beside AT's."""
+    from ringrl.experiments import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or str(path))
+    result = {
+        "return_mean": [1.0, 2.0, 3.0, 3.5, 4.0],
+        "return_se": [0.5] * 5,
+        "num_episodes": 20,
+        "context_episodes": 2,
+    }
+    plots.returns_by_attempt({"AD, n=2": result}, tmp_path / "ad.png")
+    ax = figures[-1].axes[0]
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [2.5]
+    assert len(ax.collections) == 1  # the standard-error band
+    assert ax.get_xlabel().startswith("episode in a row")
+    rows = [{"n": 1, "mean": 1.0, "se": 0.1}, {"n": 2, "mean": 2.0, "se": 0.1}]
+    plots.return_vs_context(
+        rows, tmp_path / "abl.png", others={"AD": [{"n": 2, "mean": 3, "se": 1}]}
+    )
+    labels = figures[-1].axes[0].get_legend_handles_labels()[1]
+    assert "AD" in labels

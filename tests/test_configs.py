@@ -93,13 +93,17 @@ def test_state_normalisation_lives_in_the_checkpoint(tmp_path):
         (ad_darkroom.get_config, "smoke"),
         (ablation_context.get_config, "n=2,smoke"),  # same shapes as at_darkroom: no compile
         (ablation_context.get_config, "agent=dt,smoke"),
+        (ablation_context.get_config, "n=2,agent=ad,smoke"),
     ],
-    ids=["at_darkroom", "ad_darkroom", "ablation_at", "ablation_dt"],
+    ids=["at_darkroom", "ad_darkroom", "ablation_at", "ablation_dt", "ablation_ad"],
 )
 def test_darkroom_configs(get_config, arg, tmp_path):
     config = get_config(arg)
     result = _smoke(config, tmp_path)
     assert result["eval"]["tasks"] and result["eval"]["reference_optimal"] > 0
+    if config.data.mode == "ad":  # more episodes than the context holds: it rolled
+        assert result["eval"]["attempts"] == config.eval.attempts > config.data.num_trajectories
+        assert result["eval"]["context_episodes"] == config.data.num_trajectories
 
 
 @pytest.mark.parametrize("get_config", [dt_d4rl.get_config, at_d4rl.get_config], ids=["dt", "at"])
@@ -118,5 +122,9 @@ def test_ablation_cells_see_equal_trajectories_per_step():
         cell = ablation_context.cell(base, n, seed=0)
         assert cell.batch_size * cell.data.num_trajectories == per_step
     assert ablation_context.cell(base, 1, seed=0, agent="dt").batch_size == per_step
+    for n in base.ablation.ad_ns:
+        cell = ablation_context.cell(base, n, seed=0, agent="ad")
+        assert cell.batch_size * n == per_step and cell.data.mode == "ad"
+        assert cell.eval.attempts == base.ablation.ad_attempts > n
     with pytest.raises(ValueError, match="not a multiple of n=3"):
         ablation_context.cell(base, 3, seed=0)

@@ -27,22 +27,25 @@ def _qkv(seed, t=T):
     return tuple(jnp.asarray(rng.standard_normal((B, t, H, D)), jnp.float32) for _ in range(3))
 
 
-def _stepper(mesh, cache, *, window=None, with_seg=False, block_kv=None):
-    """Jitted (cache, q, k, v[, seg]) -> (out, cache): append then decode_step, inside shard_map."""
+def _stepper(mesh, cache, *, window=None, with_seg=False, block_kv=None, with_start=False):
+    """Jitted (cache, q, k, v, seg[, start]) -> (out, cache): append then decode_step, inside
+    shard_map (`start` [B]: first visible position, only `with_start`)."""
     specs = decode.cache_specs(cache, mesh)
     traces = []
 
-    def step(cache, q, k, v, seg):
+    def step(cache, q, k, v, seg, start=None):
         traces.append(1)
         cache = decode.append(cache, k, v, segment_ids=seg)
-        out = decode.decode_step(q, cache, window=window, segment_ids=seg, block_kv=block_kv)
+        out = decode.decode_step(
+            q, cache, window=window, segment_ids=seg, block_kv=block_kv, start=start
+        )
         return out, cache
 
     seg_spec = P(DATA) if with_seg else None
     f = jax.shard_map(
         step,
         mesh=mesh,
-        in_specs=(specs, P(DATA), P(DATA), P(DATA), seg_spec),
+        in_specs=(specs, P(DATA), P(DATA), P(DATA), seg_spec) + ((P(DATA),) if with_start else ()),
         out_specs=(P(DATA), specs),
     )
     out_sh = (NamedSharding(mesh, P(DATA)), decode.cache_shardings(cache, mesh))
@@ -119,6 +122,75 @@ def test_decode_segment_ids_and_chunked_kv():
     out, _ = _decode_all(f, cache, q, k, v, chunk=2, seg=seg)
     ref = dense_attention(q, k, v, causal=True, segment_ids=seg)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "n,layout,stripe,window,block_kv,chunk,with_seg",
+    [
+        (8, "contiguous", 1, None, None, 1, False),
+        (8, "contiguous", 1, 5, 3, 2, True),
+        (8, "striped", 1, None, None, 1, True),
+        (4, "striped", 2, 7, None, 2, False),
+        (8, "zigzag", 1, None, None, 1, False),
+        (4, "zigzag", 1, None, 3, 2, True),
+    ],
+)
+def test_rolling_decode_matches_dense_over_the_kept_episodes(
+    n, layout, stripe, window, block_kv, chunk, with_seg
+):
+    """A rolling cache through more than 3 * keep episodes of random lengths (different per batch
+    element): every step equals dense causal attention over exactly the kept window (the `keep`
+    most recent episodes, the current one included), and the arrays never change shape."""
+    keep, max_steps, episodes = 3, 4, 20  # steps of `chunk` tokens per episode: 1..max_steps
+    mesh = _mesh(n)
+    unit = {"contiguous": n, "striped": n * stripe, "zigzag": 2 * n}[layout]
+    t_max = -(-keep * max_steps * chunk // unit) * unit  # holds `keep` of the longest episodes
+    rng = np.random.default_rng(11 + n)
+    # Per batch element: the episode of every chunk (lockstep appends, boundaries differ).
+    lengths = rng.integers(1, max_steps + 1, (B, episodes))
+    num_chunks = int(lengths.sum(axis=1).min())
+    episode = np.stack([np.repeat(np.arange(episodes), ln)[:num_chunks] for ln in lengths])
+    first = np.stack([np.searchsorted(e, np.arange(episodes)) for e in episode])  # first chunk
+    total = num_chunks * chunk
+    q, k, v = _qkv(seed=n * 10 + chunk, t=total)
+    seg = jnp.asarray(1 + np.repeat(episode % 2, chunk, axis=1), jnp.int32)  # [B, total]
+    cache = decode.init_cache(
+        B, t_max, H, D, mesh=mesh, layout=layout, stripe=stripe, with_segment_ids=with_seg,
+        rolling=True,
+    )  # fmt: skip
+    shapes = jax.tree.map(jnp.shape, cache)
+    f, traces = _stepper(
+        mesh, cache, window=window, with_seg=with_seg, block_kv=block_kv, with_start=True
+    )
+    for c in range(num_chunks):
+        oldest = np.maximum(episode[:, c] - keep + 1, 0)
+        start = first[np.arange(B), oldest] * chunk  # [B] first token of the oldest kept episode
+        sl = slice(c * chunk, (c + 1) * chunk)
+        out, cache = f(
+            cache,
+            q[:, sl],
+            k[:, sl],
+            v[:, sl],
+            seg[:, sl] if with_seg else None,
+            jnp.asarray(start),
+        )
+        for b in range(B):
+            kept = slice(int(start[b]), (c + 1) * chunk)
+            assert (c + 1) * chunk - start[b] <= t_max
+            ref = dense_attention(
+                q[b : b + 1, kept],
+                k[b : b + 1, kept],
+                v[b : b + 1, kept],
+                causal=True,
+                window=window,
+                segment_ids=seg[b : b + 1, kept] if with_seg else None,
+            )[:, -chunk:]
+            np.testing.assert_allclose(out[b : b + 1], ref, rtol=1e-5, atol=1e-5)
+    assert jax.tree.map(jnp.shape, cache) == shapes, "a rolling cache keeps its shape"
+    assert len(traces) == 1
+    assert episode[:, -1].min() > 3 * keep and total > 2 * t_max, "must wrap more than once"
+    np.testing.assert_array_equal(cache.lengths, [total, total])
+    decode.check_capacity(cache, t_max)  # a ring buffer never overflows
 
 
 def test_position_owner_inverts_local_positions():

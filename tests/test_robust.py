@@ -356,3 +356,14 @@ def test_xla_flags():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.replace("--foo ", "")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["4", "28.0"], out.stderr[-500:]
+
+
+def test_only_ad_evaluates_more_attempts_than_n():
+    """eval.attempts > n: AT refuses in one line naming the mode that allows it; AD rolls, unless
+    its model embeds the slot (no absolute position may grow past n)."""
+    (err,) = _errors(at_darkroom.get_config("smoke"), eval__attempts=3)
+    assert err.startswith("config.eval.attempts=3 > config.data.num_trajectories=2")
+    assert "only mode 'ad' plays more attempts than n" in err
+    assert _errors(ad_darkroom.get_config("smoke"), eval__attempts=40) == []
+    (err,) = _errors(ad_darkroom.get_config("smoke"), model__slot_embedding=True)
+    assert "slot_embedding=True rules out" in err

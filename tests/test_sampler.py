@@ -86,15 +86,18 @@ def test_at_packing(data, target):
             )
 
 
-def test_ad_consecutive(data):
-    sampler = ad.make_sampler(data, num_trajectories=3, horizon=6, seed=2)
+@pytest.mark.parametrize("n, stride", [(3, 1), (2, 3)])
+def test_ad_consecutive(data, n, stride):
+    """n episodes of one task's history in learning order, `stride` apart (1: consecutive)."""
+    sampler = ad.make_sampler(data, num_trajectories=n, horizon=6, seed=2, stride=stride)
     batch = sampler.sample(8)
     for i in range(8):
-        first = batch["observations"][i].reshape(3, 6, 3)[:, 0]
+        first = batch["observations"][i].reshape(n, 6, 3)[:, 0]
         task_eps = np.flatnonzero(data.task_id == first[0, 0])
         idx = [int(np.flatnonzero(task_eps == e)[0]) for e in first[:, 1]]
         assert np.all(first[:, 0] == first[0, 0])
-        assert idx == list(range(idx[0], idx[0] + 3)), "consecutive episodes in learning order"
+        want = list(range(idx[0], idx[0] + n * stride, stride))
+        assert idx == want, "every stride-th episode in learning order"
         assert np.all(batch["target_returns"][i] == 0)
 
 
@@ -148,6 +151,8 @@ def test_deterministic_and_resumable(data):
         (at.make_sampler, dict(num_trajectories=0, horizon=4), "num_trajectories"),
         (at.make_sampler, dict(num_trajectories=2, horizon=0), "horizon"),
         (ad.make_sampler, dict(num_trajectories=50, horizon=4), "num_trajectories"),
+        (ad.make_sampler, dict(num_trajectories=2, horizon=4, stride=0), "history_stride"),
+        (ad.make_sampler, dict(num_trajectories=3, horizon=4, stride=2), "history_stride"),
     ],
 )
 def test_bad_arguments(data, make, kwargs, match):
