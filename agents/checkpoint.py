@@ -37,6 +37,9 @@ import orbax.checkpoint as ocp
 MATCH_GROUPS = ("model", "data")
 # Fields inside those groups that do not change what was learned (where a cache lives).
 IGNORE_KEYS = ("data.dir",)
+# Fields added to the configs after runs were saved, with the value that reproduces what those
+# runs did: a saved config without the field matches a current one holding exactly this value.
+ADDED_KEYS = {"data.history_stride": 1}
 
 
 MANIFEST = "ringrl_files.json"  # per step: {relative path: [size, crc32]} of its files
@@ -130,6 +133,9 @@ def config_mismatch(
     current_flat = _flatten({g: _to_jsonable(current.get(g, {})) for g in groups})
     # Tuples become lists in JSON; compare the JSON forms so that is not a difference.
     current_flat = {k: _from_jsonable(_to_jsonable(v)) for k, v in current_flat.items()}
+    for key, value in ADDED_KEYS.items():
+        if key in current_flat:
+            saved_flat.setdefault(key, value)
     keys = sorted(set(saved_flat) | set(current_flat))
     return [
         k

@@ -117,6 +117,11 @@ def test_refuses_other_config_and_restores_onto_mesh(tmp_path):
     assert config_mismatch(ckpt.saved_config(), other) == ["model.width"]
     with pytest.raises(ConfigMismatchError, match=r"differs in model\.width\)"):
         ckpt.restore(state, config=other)
+    # A field added later matches a saved config without it only at its old behaviour's value.
+    old, new = {"data": {"mode": "at"}}, {"data": {"mode": "at", "history_stride": 1}}
+    assert config_mismatch(old, new) == []
+    new["data"]["history_stride"] = 4
+    assert config_mismatch(old, new) == ["data.history_stride"]
     # Optimizer fields may change on resume; tuples equal their JSON lists.
     ckpt.check_config({**_CONFIG, "model": {"width": 8, "layers": (1, 2)}, "optim": {"lr": 2}})
 
