@@ -145,7 +145,10 @@ def return_vs_context(
             alpha=0.15,
         )
     ax.set_xscale("log", base=2)
-    ax.set_xticks(n, [str(v) for v in n])
+    ticks = sorted(
+        {int(v) for v in n} | {int(r["n"]) for rs in (others or {}).values() for r in rs}
+    )
+    ax.set_xticks(ticks, [str(v) for v in ticks])
     ax.set_xlabel("trajectories in context (n)")
     ax.set_ylabel(f"{metric} (mean ± standard error)")
     ax.set_title(title)
