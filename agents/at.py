@@ -208,7 +208,7 @@ def make_actor(
 ) -> Actor:
     """Cached actor for `attempts` episodes of at most `horizon` steps, all kept in context.
 
-    Also the AD actor (agents.ad).
+    Also AD's actor for up to n attempts (agents.ad rolls its context beyond n).
 
     Raises:
       ValueError: more attempts than trajectory slots, or longer episodes than the slots.
