@@ -151,6 +151,43 @@ def test_ring_matches_dense(name):
     _check_against_dense(name, CASES[name])
 
 
+# Default blocks on shards whose length has few divisors (with the cap lowered to 8 so shapes stay
+# tiny): T_local = 13 (prime), or zigzag halves of 13, are padded to a multiple of 7 and the padding
+# is masked. Every layout, causal and not, windows, segment ids, and the Pallas kernel.
+PADDED_CASES = {
+    "n1-prime": (1, 13, jnp.float32, True, None, None, "contiguous", 1, None, None),
+    "n2-prime-full-seg": (2, 26, jnp.float32, False, None, "random", "contiguous", 1, None, None),
+    "n2-prime-causal": (2, 26, jnp.float32, True, None, None, "contiguous", 1, None, None),
+    "n2-prime-striped-window": (2, 26, jnp.float32, True, 5, None, "striped", 1, None, None),
+    "n2-zigzag-prime-halves-seg": (
+        2,
+        52,
+        jnp.float32,
+        True,
+        None,
+        "sorted",
+        "zigzag",
+        1,
+        None,
+        None,
+    ),
+    "n4-zigzag-prime-halves-window": (4, 104, jnp.float32, True, 9, None, "zigzag", 1, None, None),
+    "n2-bf16-zigzag-full": (2, 52, jnp.bfloat16, False, None, None, "zigzag", 1, None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDED_CASES))
+def test_padded_default_blocks_match_dense(name, monkeypatch):
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)
+    _check_against_dense(name, PADDED_CASES[name])
+
+
+@pytest.mark.parametrize("name", ["n2-prime-full-seg", "n2-zigzag-prime-halves-seg"])
+def test_padded_default_blocks_pallas_matches_dense(name, monkeypatch):
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)
+    _check_against_dense(name, PADDED_CASES[name], impl="pallas_interpret")
+
+
 @pytest.mark.parametrize("name", list(PALLAS_CASES))
 def test_pallas_kernel_matches_dense(name):
     _check_against_dense(name, PALLAS_CASES[name], impl="pallas_interpret")
@@ -476,10 +513,14 @@ def test_error_block_not_dividing():
         _sharded_call(2, block_q=3)(X, X, X)
 
 
-def test_default_block_warns_for_lengths_with_few_divisors():
-    assert default_block(2048) == 256 and default_block(96) == 96 and default_block(262) == 131
-    with pytest.warns(UserWarning, match=r"T_local=514 has no divisor between 64 and 256.*pad"):
-        assert default_block(514) == 2
+def test_default_block_pads_lengths_with_few_divisors():
+    # (block, padded T_local): a good divisor needs no padding ...
+    assert default_block(2048) == (256, 2048) and default_block(96) == (96, 96)
+    assert default_block(262) == (131, 262) and default_block(262, unit=131) == (131, 262)
+    # ... a prime (or 2 x a prime) pads to a multiple of the block in [cap/2, cap] wasting least.
+    assert default_block(257) == (129, 258)
+    assert default_block(514) == (172, 516) and default_block(514, unit=257) == (172, 516)
+    assert default_block(13, 8) == (7, 14) and default_block(26, 8, unit=13) == (7, 28)
 
 
 def test_error_shape_mismatch():
@@ -520,3 +561,15 @@ def test_error_unknown_layout():
 def test_error_stripe_not_dividing():
     with pytest.raises(ValueError, match=r"length 16 is not a positive multiple of 6 .*stripe 3"):
         _sharded_call(2, layout="striped", stripe=3)(X, X, X)
+
+
+def test_padding_adds_no_chunk_pairs(monkeypatch):
+    """A prime T_local = 13 padded to 14 (block 7, cap 8) computes only the causal chunk pairs of
+    its real tokens: the 10 of a 4-chunk lower triangle, none for the padding or future hops."""
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)
+    calls = []
+    rng = np.random.default_rng(SEED)
+    q, k, v, w, _ = _inputs(rng, 1, 26, 1, 8, jnp.float32, None)
+    monkeypatch.setattr(ring_attention_module, "_PAIR_HOOK", calls.append)
+    jax.block_until_ready(_fwd_and_grads(_ring_fn(2))(q, k, v, w, None))
+    assert (calls.count("fwd"), calls.count("bwd")) == (10, 10), calls
