@@ -122,12 +122,12 @@ def _highest_matmul_precision():
         yield
 
 
-def _check_against_dense(name, case, impl="xla"):
+def _check_against_dense(name, case, impl="xla", **extra):
     n, t, dtype, causal, window, seg, layout, stripe, bq, bk = case
     seed = (SEED + zlib.crc32(name.encode())) % 2**32
     rng = np.random.default_rng(seed)
     q, k, v, w, ids = _inputs(rng, 2, t, 2, 8, dtype, seg)
-    kw = dict(causal=causal, window=window, block_q=bq, block_kv=bk, impl=impl)
+    kw = dict(causal=causal, window=window, block_q=bq, block_kv=bk, impl=impl, **extra)
     # Pallas interpret mode loses shard_map's varying-axes types in its internal loop (jax
     # 0.10.2), so that case runs unchecked; compiled kernels keep the check.
     kw["check_vma"] = impl != "pallas_interpret"
@@ -186,6 +186,37 @@ def test_padded_default_blocks_match_dense(name, monkeypatch):
 def test_padded_default_blocks_pallas_matches_dense(name, monkeypatch):
     monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)
     _check_against_dense(name, PADDED_CASES[name], impl="pallas_interpret")
+
+
+# One pass round the ring per head (the tests' H = 2, so two passes), as the default picks at
+# benchmark sizes: a cross-section of layouts, masks and dtypes, the Pallas kernel and padding.
+@pytest.mark.parametrize(
+    "cases,name,impl",
+    [
+        (CASES, "n8-causal", "xla"),
+        (CASES, "n2-zigzag-full-seg", "xla"),
+        (CASES, "n8-bf16-striped-window", "xla"),
+        (CASES, "n8-zigzag-window-seg", "xla"),
+        (PALLAS_CASES, "n4-bf16-zigzag-seg", "pallas_interpret"),
+        (PADDED_CASES, "n2-zigzag-prime-halves-seg", "xla"),
+    ],
+)
+def test_one_head_per_pass_matches_dense(cases, name, impl, monkeypatch):
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)  # for the padded case
+    _check_against_dense(name, cases[name], impl=impl, head_block=1)
+
+
+def test_default_head_block_keeps_the_score_tile_in_cache():
+    hb = ring_attention_module.default_head_block
+    assert hb(1, 4, 256, 256, "xla") == 1  # one [256, 256] f32 tile is TILE_BYTES already
+    assert hb(1, 8, 128, 128, "xla") == 4 and hb(2, 8, 128, 128, "xla") == 2
+    assert hb(1, 6, 64, 64, "xla") == 6 and hb(4, 3, 512, 512, "xla") == 1
+    assert hb(1, 4, 256, 256, "pallas") == 4  # the kernel's grid tiles heads itself
+
+
+def test_error_head_block_not_dividing():
+    with pytest.raises(ValueError, match="head_block=3 must be a positive divisor of the 2 heads"):
+        _sharded_call(2, head_block=3)(X, X, X)
 
 
 @pytest.mark.parametrize("name", list(PALLAS_CASES))
