@@ -27,7 +27,9 @@ from jax.experimental import pallas as pl
 _F32 = jnp.float32
 
 
-def _kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *rest, causal, window, block_kv, has_seg):
+def _kernel(
+    qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *rest, causal, window, block_kv, has_seg, pad_pos
+):
     if has_seg:
         qseg_ref, kseg_ref, o_ref, lse_ref = rest
     else:
@@ -56,6 +58,8 @@ def _kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *rest, causal, window, bloc
                 mask &= qp[:, None] - kp[None, :] < window
             if has_seg:
                 mask &= qs[:, None] == kseg_ref[pl.ds(start, block_kv)][None, :]
+            if pad_pos is not None:  # padding tokens neither see nor are seen
+                mask &= (qp < pad_pos)[:, None] & (kp < pad_pos)[None, :]
             s = jnp.where(mask, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -87,7 +91,7 @@ def _kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *rest, causal, window, bloc
 
 
 @functools.partial(
-    jax.jit, static_argnames=("causal", "window", "block_q", "block_kv", "interpret")
+    jax.jit, static_argnames=("causal", "window", "block_q", "block_kv", "pad_pos", "interpret")
 )
 def flash_hop(
     q: jax.Array,
@@ -102,6 +106,7 @@ def flash_hop(
     window: int | None = None,
     block_q: int = 128,
     block_kv: int = 128,
+    pad_pos: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of local queries against one key/value block, as (o, lse).
@@ -114,6 +119,7 @@ def flash_hop(
       causal: keys at positions <= the query's only.
       window: sliding window in tokens (query p sees p-window+1 .. p), or None.
       block_q, block_kv: chunk sizes (divide Tl and Tk).
+      pad_pos: if given, tokens at positions >= pad_pos are padding: masked as queries and keys.
       interpret: run in Pallas interpret mode (CPU).
 
     Returns:
@@ -124,7 +130,7 @@ def flash_hop(
     tk = k.shape[2]
     has_seg = qseg is not None
     kernel = functools.partial(
-        _kernel, causal=causal, window=window, block_kv=block_kv, has_seg=has_seg
+        _kernel, causal=causal, window=window, block_kv=block_kv, has_seg=has_seg, pad_pos=pad_pos
     )
     in_specs = [
         pl.BlockSpec((block_q,), lambda bi, hi, i: (i,)),

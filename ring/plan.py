@@ -33,6 +33,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ringrl.ring.attention import default_head_block
 from ringrl.ring.layout import check_layout, layout_unit, local_positions, num_hops
 
 DEFAULT_CANDIDATES = (64, 128, 256, 512, 1024, 2048)
@@ -118,8 +119,14 @@ def memory_model(
     *,
     batch: int = 1,
     backward: bool = True,
+    head_block: int | None = None,
 ) -> dict[str, int]:
     """Inventory of the kernel's live buffers at its peak, per device (bytes).
+
+    The ring is walked once per group of `head_block` heads (None: the kernel's
+    `default_head_block`), so every buffer of one pass (head-major copies, travelling blocks,
+    accumulators, chunk matrices) holds head_block of the H heads; inputs, outputs and residuals
+    hold all of them.
 
     Forward: local q/k/v and the output; the head-major copy of q the kernel makes once per call;
     the stacked K/V block travelling round the ring plus the one arriving (ppermute writes a new
@@ -132,36 +139,44 @@ def memory_model(
     and per chunk pair four f32 matrices (S, P, dP, dS).
 
     XLA fuses some of these: compiled memory (arguments + outputs + temporaries) measured
-    0.73-0.97x this inventory for forward+backward and 0.9-1.23x for the forward pass on CPU
-    (f32 and bf16, chunks 128-512, n 4-8); tests/test_ring_plan.py holds it to 0.6-1.3x.
+    0.74-1.04x this inventory for forward+backward (n=8, T=4096, H=4, D=64, chunks 64-512, f32
+    and bf16) and 1.18x for a bf16 forward pass on CPU (n=4, chunks 128 x 256);
+    tests/test_ring_plan.py holds it to 0.6-1.3x.
     """
+    if head_block is None:
+        head_block = default_head_block(batch, num_heads, block_q, block_kv, "xla")
     b = jnp.dtype(dtype).itemsize
     e = batch * t_local * num_heads * head_dim  # elements of one local [B, Tl, H, D] array
     s = batch * num_heads * t_local  # one f32 statistic per query row
-    c = batch * num_heads * block_q * block_kv  # one chunk score matrix
-    qc = batch * num_heads * block_q * head_dim
-    kc = batch * num_heads * block_kv * head_dim
+    hb = batch * head_block  # (batch, head) rows of one pass
+    g = batch * t_local * head_block * head_dim  # elements of one pass's [B, hb, Tl, D] array
+    c = hb * block_q * block_kv  # one chunk score matrix
+    qc = hb * block_q * head_dim
+    kc = hb * block_kv * head_dim
+    # XLA:CPU has no bf16/f16 matmul: it converts whole q/k/v shards to f32 once (conservative on
+    # accelerators, where operands stay in their dtype).
+    upcast = {"f32 copies of q,k,v (XLA:CPU upcast)": 3 * 4 * e} if b < 4 else {}
     if not backward:
-        return {
+        return upcast | {
             "inputs q,k,v": 3 * e * b,
             "output": e * b,
-            "head-major q": e * b,
-            "K/V travelling + arriving": 4 * e * b,
-            "f32 output accumulator": 4 * e,
             "f32 lse": 4 * s,
+            "head-major q of a pass": g * b,
+            "K/V travelling + arriving": 4 * g * b,
+            "f32 output accumulator of a pass": 4 * g,
             "f32 chunk scores, probs": 2 * 4 * c,
             "f32 chunk q/acc/k/v": 4 * (2 * qc + 2 * kc),
         }
-    return {
+    return upcast | {
         "inputs q,k,v": 3 * e * b,
         "residual output": e * b,
         "f32 residual lse, rowsum(dO*O)": 2 * 4 * s,
         "incoming gradient dO": e * b,
-        "K/V travelling + arriving": 4 * e * b,
-        "f32 dQ accumulator": 4 * e,
-        "head-major q, dO": 2 * e * b,
-        "f32 dK/dV travelling + arriving": 4 * 4 * e,
-        "f32 dK/dV partial of the hop": 2 * 4 * e,
+        "K/V travelling + arriving": 4 * g * b,
+        "f32 dQ accumulator of a pass": 4 * g,
+        "head-major q, dO of a pass": 2 * g * b,
+        "f32 dK/dV travelling + arriving": 4 * 4 * g,
+        "f32 dK/dV partial of the hop": 2 * 4 * g,
         "returned dq, dk, dv": 3 * e * b,
         "f32 chunk S, P, dP, dS": 4 * 4 * c,
         "f32 chunk q/dO/k/v": 4 * (2 * qc + 2 * kc),

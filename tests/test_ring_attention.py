@@ -122,12 +122,12 @@ def _highest_matmul_precision():
         yield
 
 
-def _check_against_dense(name, case, impl="xla"):
+def _check_against_dense(name, case, impl="xla", **extra):
     n, t, dtype, causal, window, seg, layout, stripe, bq, bk = case
     seed = (SEED + zlib.crc32(name.encode())) % 2**32
     rng = np.random.default_rng(seed)
     q, k, v, w, ids = _inputs(rng, 2, t, 2, 8, dtype, seg)
-    kw = dict(causal=causal, window=window, block_q=bq, block_kv=bk, impl=impl)
+    kw = dict(causal=causal, window=window, block_q=bq, block_kv=bk, impl=impl, **extra)
     # Pallas interpret mode loses shard_map's varying-axes types in its internal loop (jax
     # 0.10.2), so that case runs unchecked; compiled kernels keep the check.
     kw["check_vma"] = impl != "pallas_interpret"
@@ -149,6 +149,74 @@ def _check_against_dense(name, case, impl="xla"):
 @pytest.mark.parametrize("name", list(CASES))
 def test_ring_matches_dense(name):
     _check_against_dense(name, CASES[name])
+
+
+# Default blocks on shards whose length has few divisors (with the cap lowered to 8 so shapes stay
+# tiny): T_local = 13 (prime), or zigzag halves of 13, are padded to a multiple of 7 and the padding
+# is masked. Every layout, causal and not, windows, segment ids, and the Pallas kernel.
+PADDED_CASES = {
+    "n1-prime": (1, 13, jnp.float32, True, None, None, "contiguous", 1, None, None),
+    "n2-prime-full-seg": (2, 26, jnp.float32, False, None, "random", "contiguous", 1, None, None),
+    "n2-prime-causal": (2, 26, jnp.float32, True, None, None, "contiguous", 1, None, None),
+    "n2-prime-striped-window": (2, 26, jnp.float32, True, 5, None, "striped", 1, None, None),
+    "n2-zigzag-prime-halves-seg": (
+        2,
+        52,
+        jnp.float32,
+        True,
+        None,
+        "sorted",
+        "zigzag",
+        1,
+        None,
+        None,
+    ),
+    "n4-zigzag-prime-halves-window": (4, 104, jnp.float32, True, 9, None, "zigzag", 1, None, None),
+    "n2-bf16-zigzag-full": (2, 52, jnp.bfloat16, False, None, None, "zigzag", 1, None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDED_CASES))
+def test_padded_default_blocks_match_dense(name, monkeypatch):
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)
+    _check_against_dense(name, PADDED_CASES[name])
+
+
+@pytest.mark.parametrize("name", ["n2-prime-full-seg", "n2-zigzag-prime-halves-seg"])
+def test_padded_default_blocks_pallas_matches_dense(name, monkeypatch):
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)
+    _check_against_dense(name, PADDED_CASES[name], impl="pallas_interpret")
+
+
+# One pass round the ring per head (the tests' H = 2, so two passes), as the default picks at
+# benchmark sizes: a cross-section of layouts, masks and dtypes, the Pallas kernel and padding.
+@pytest.mark.parametrize(
+    "cases,name,impl",
+    [
+        (CASES, "n8-causal", "xla"),
+        (CASES, "n2-zigzag-full-seg", "xla"),
+        (CASES, "n8-bf16-striped-window", "xla"),
+        (CASES, "n8-zigzag-window-seg", "xla"),
+        (PALLAS_CASES, "n4-bf16-zigzag-seg", "pallas_interpret"),
+        (PADDED_CASES, "n2-zigzag-prime-halves-seg", "xla"),
+    ],
+)
+def test_one_head_per_pass_matches_dense(cases, name, impl, monkeypatch):
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)  # for the padded case
+    _check_against_dense(name, cases[name], impl=impl, head_block=1)
+
+
+def test_default_head_block_keeps_the_score_tile_in_cache():
+    hb = ring_attention_module.default_head_block
+    assert hb(1, 4, 256, 256, "xla") == 1  # one [256, 256] f32 tile is TILE_BYTES already
+    assert hb(1, 8, 128, 128, "xla") == 4 and hb(2, 8, 128, 128, "xla") == 2
+    assert hb(1, 6, 64, 64, "xla") == 6 and hb(4, 3, 512, 512, "xla") == 1
+    assert hb(1, 4, 256, 256, "pallas") == 4  # the kernel's grid tiles heads itself
+
+
+def test_error_head_block_not_dividing():
+    with pytest.raises(ValueError, match="head_block=3 must be a positive divisor of the 2 heads"):
+        _sharded_call(2, head_block=3)(X, X, X)
 
 
 @pytest.mark.parametrize("name", list(PALLAS_CASES))
@@ -476,10 +544,14 @@ def test_error_block_not_dividing():
         _sharded_call(2, block_q=3)(X, X, X)
 
 
-def test_default_block_warns_for_lengths_with_few_divisors():
-    assert default_block(2048) == 256 and default_block(96) == 96 and default_block(262) == 131
-    with pytest.warns(UserWarning, match=r"T_local=514 has no divisor between 64 and 256.*pad"):
-        assert default_block(514) == 2
+def test_default_block_pads_lengths_with_few_divisors():
+    # (block, padded T_local): a good divisor needs no padding ...
+    assert default_block(2048) == (256, 2048) and default_block(96) == (96, 96)
+    assert default_block(262) == (131, 262) and default_block(262, unit=131) == (131, 262)
+    # ... a prime (or 2 x a prime) pads to a multiple of the block in [cap/2, cap] wasting least.
+    assert default_block(257) == (129, 258)
+    assert default_block(514) == (172, 516) and default_block(514, unit=257) == (172, 516)
+    assert default_block(13, 8) == (7, 14) and default_block(26, 8, unit=13) == (7, 28)
 
 
 def test_error_shape_mismatch():
@@ -520,3 +592,15 @@ def test_error_unknown_layout():
 def test_error_stripe_not_dividing():
     with pytest.raises(ValueError, match=r"length 16 is not a positive multiple of 6 .*stripe 3"):
         _sharded_call(2, layout="striped", stripe=3)(X, X, X)
+
+
+def test_padding_adds_no_chunk_pairs(monkeypatch):
+    """A prime T_local = 13 padded to 14 (block 7, cap 8) computes only the causal chunk pairs of
+    its real tokens: the 10 of a 4-chunk lower triangle, none for the padding or future hops."""
+    monkeypatch.setattr(ring_attention_module, "DEFAULT_BLOCK", 8)
+    calls = []
+    rng = np.random.default_rng(SEED)
+    q, k, v, w, _ = _inputs(rng, 1, 26, 1, 8, jnp.float32, None)
+    monkeypatch.setattr(ring_attention_module, "_PAIR_HOOK", calls.append)
+    jax.block_until_ready(_fwd_and_grads(_ring_fn(2))(q, k, v, w, None))
+    assert (calls.count("fwd"), calls.count("bwd")) == (10, 10), calls
