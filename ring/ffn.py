@@ -4,7 +4,8 @@ Dimension letters: B batch, T tokens, E model width, F hidden width.
 
 The MLP is applied chunk by chunk over the sequence with each chunk rematerialised
 (`jax.checkpoint`), so the [B, T, F] hidden activations never exist for the whole shard at once,
-neither in the forward pass nor in the backward pass.
+neither in the forward pass nor in the backward pass. A shard of one chunk is applied directly:
+its activations are one chunk's, and recomputing them would only cost time.
 """
 
 from collections.abc import Callable, Mapping
@@ -54,6 +55,8 @@ def blockwise_ffn(
             return mlp(xc, params)
 
     n = t // chunk
+    if n == 1:  # one chunk: its hidden activations are the chunk's anyway, so keep them
+        return fn(x)  # (rematerialising would only add a third FFN pass to the backward)
     xs = jnp.moveaxis(x.reshape(b, n, chunk, x.shape[-1]), 1, 0)  # [n, B, chunk, E]
     ys = jax.lax.map(jax.checkpoint(fn), xs)
     return jnp.moveaxis(ys, 0, 1).reshape(b, t, ys.shape[-1])

@@ -90,10 +90,24 @@ def test_blockwise_ffn_matches_mlp():
     for chunked in (
         lambda x, p: blockwise_ffn(x, p, 8),
         lambda x, p: blockwise_ffn(x, lambda c: mlp(c, p), 4),  # callable form, closes over p
+        lambda x, p: blockwise_ffn(x, p, 32),  # one chunk: applied directly
     ):
         got = run(chunked)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"RING_TEST_SEED={SEED}")
+
+
+def test_blockwise_ffn_one_chunk_is_not_rematerialised():
+    """A shard of one chunk keeps its activations (no third FFN pass in the backward); two chunks
+    are rematerialised chunk by chunk."""
+    params = _ffn_params(np.random.default_rng(SEED), 8, 32)
+    x = jnp.zeros((2, 32, 8), jnp.float32)
+
+    def jaxpr(chunk):
+        return str(jax.make_jaxpr(lambda x: blockwise_ffn(x, params, chunk))(x))
+
+    assert "remat" not in jaxpr(32)
+    assert "remat" in jaxpr(16)
 
 
 def test_blockwise_ffn_memory():
