@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding
@@ -382,6 +383,21 @@ def select_action(
 
 # (targets [B], reward [B], done [B], target) -> the target-return tokens of the next step.
 TargetRule = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+
+
+def check_target_return(config: ml_collections.ConfigDict, env_id: str, agent: str) -> None:
+    """Raises ValueError (one line) if config.eval.target_return is not a finite number.
+
+    configs/dt_d4rl.py and configs/at_d4rl.py leave it NaN for a task whose target they do not
+    know (the data may not exist yet when the config is built); the check runs before training.
+    """
+    target = config.eval.target_return
+    if not np.isfinite(target):
+        raise ValueError(
+            f"config.eval.target_return={target} for {env_id}: no {agent} target return is known "
+            "for this task; fix: pass the return to condition on, e.g. "
+            f"--config=configs/{agent.lower()}_d4rl.py:path=...,target=3000"
+        )
 
 
 def fixed_target(

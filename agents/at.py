@@ -30,7 +30,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from ringrl.agents.act import Actor, ActorPolicy, check_episodes_fit, fixed_target
+from ringrl.agents.act import (
+    Actor,
+    ActorPolicy,
+    check_episodes_fit,
+    check_target_return,
+    fixed_target,
+)
 from ringrl.agents.backbone import Backbone
 from ringrl.agents.sampler import ContextSampler
 
@@ -232,10 +238,13 @@ def check_eval_context(
     attempts fill K slots, so K <= n, and every episode must fit a slot. Also AD's check.
 
     Raises:
-      ValueError: one line naming the sizes and the fix.
+      ValueError: one line naming the sizes and the fix, or (target "best" without the oracle) a
+        target return that is not a number (configs/at_d4rl.py for a task it has no target for).
     """
     check_attempts(attempts, config.data.num_trajectories)
     check_episodes_fit(env_id, episode_steps, config.data.horizon)
+    if config.data.get("target") == "best" and not config.eval.get("oracle_target", False):
+        check_target_return(config, env_id, "AT")
 
 
 def check_attempts(attempts: int, num_trajectories: int) -> None:

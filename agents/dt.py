@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from ringrl.agents import backbone
-from ringrl.agents.act import ActorPolicy, check_episodes_fit, select_action
+from ringrl.agents.act import ActorPolicy, check_episodes_fit, check_target_return, select_action
 from ringrl.agents.backbone import Backbone
 from ringrl.agents.batch import zeros
 from ringrl.agents.sampler import ContextSampler
@@ -307,10 +307,5 @@ def check_eval_context(
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
-    if not np.isfinite(config.eval.target_return):
-        raise ValueError(
-            f"config.eval.target_return={config.eval.target_return} for {env_id}: no DT target "
-            "return is known for this task; fix: pass the return to condition on, e.g. "
-            "--config=configs/dt_d4rl.py:path=...,target=3000"
-        )
+    check_target_return(config, env_id, "DT")
     check_episodes_fit(env_id, episode_steps, config.data.horizon)

@@ -194,5 +194,12 @@ def test_dt_config_follows_the_paper():
     with pytest.raises(ValueError, match="no DT target return is known"):
         dt.check_eval_context(ant, "Ant-v5", attempts=1, episode_steps=1000)
     dt.check_eval_context(c, "Walker2d-v5", attempts=1, episode_steps=1000)
+    # AT conditions on the same table (target "best"): refused the same way.
+    at_ant = at_d4rl.get_config("env=ant-medium-v2")
+    with pytest.raises(ValueError, match="no AT target return is known"):
+        at.check_eval_context(at_ant, "Ant-v5", attempts=1, episode_steps=200)
+    at.check_eval_context(
+        at_d4rl.get_config("env=hopper-medium-v2"), "Hopper-v5", attempts=1, episode_steps=200
+    )
     with pytest.raises(ValueError, match="target='best'"):
         dt_d4rl.get_config("target=best")
