@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from ringrl.agents.agent import AGENTS, check_config
+from ringrl.agents.backbone import ACTIVATIONS
 from ringrl.agents.checkpoint import KEEP_ALL
 from ringrl.agents.evaluation import EVAL_TASKS
 from ringrl.ring.layout import LAYOUTS, layout_unit
@@ -97,6 +98,14 @@ def validate(
         errors.append(
             f"config.model.embed_dim={m.embed_dim} is not divisible by "
             f"config.model.num_heads={m.num_heads}"
+        )
+    dropout = m.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        errors.append(f"config.model.dropout={dropout!r} must be a number in [0, 1)")
+    activation = m.get("activation", "gelu")
+    if activation not in ACTIVATIONS:
+        errors.append(
+            f"config.model.activation={activation!r} is unknown; use one of {sorted(ACTIVATIONS)}"
         )
 
     e = c.eval

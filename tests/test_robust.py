@@ -61,6 +61,8 @@ def test_at_d4rl_default_needs_its_ring():
         ({"batch_size": -4}, "config.batch_size=-4 must be an integer >= 1"),
         ({"eval__tasks": "tests"}, "config.eval.tasks='tests' must be one of ('test', 'valid',"),
         ({"model__num_heads": 3}, "config.model.embed_dim=16 is not divisible by config.model"),
+        ({"model__dropout": 1.0}, "config.model.dropout=1.0 must be a number in [0, 1)"),
+        ({"model__activation": "tanh"}, "config.model.activation='tanh' is unknown; use one of"),
     ],
 )
 def test_validate_names_the_field(fields, expected):
