@@ -439,7 +439,7 @@ def collect_datasets(
         elif level == "medium-replay":
             out = generate.buffer_dataset(run.buffer, medium["step"])
         else:  # medium-expert
-            out = generate.concatenate([make("medium"), make("expert")], {})
+            out = Trajectories.concatenate([make("medium"), make("expert")], {})
         data[level] = out
         log(
             f"{level}: {out.num_episodes} episodes, {out.num_steps} steps, "

@@ -5,8 +5,8 @@
   order the learner played them, each tagged with its task).
 - D4RL-style datasets: `rollout_dataset` rolls a numpy policy out in a Gymnasium env with D4RL
   flags (terminal on a true termination, timeout on the time-limit step, never both),
-  `buffer_dataset` turns an online learner's replay buffer into a `medium-replay` set and
-  `concatenate` joins sets (D4RL's `medium-expert` is the medium set followed by the expert set).
+  `buffer_dataset` turns an online learner's replay buffer into a `medium-replay` set
+  (`Trajectories.concatenate` joins sets: D4RL's `medium-expert` is medium, then expert).
   `dataset_table` summarises the generated sets of a folder. The SAC training that supplies the
   policies lives in `ringrl.agents.sac_collect`.
 
@@ -402,47 +402,6 @@ def buffer_dataset(buffer: dict[str, np.ndarray], upto: int) -> Trajectories:
         timeouts=buffer["timeouts"][:n],
         episode_starts=starts,
         next_observations=buffer["next_observations"][:n],
-    )
-
-
-def concatenate(parts: Sequence[Trajectories], metadata: dict[str, Any]) -> Trajectories:
-    """The episodes of `parts`, one set after the other (D4RL's medium-expert: medium, expert).
-
-    Args:
-      parts: sets with the same observation and action shapes; next_observations and task ids
-        are kept where every part has them.
-      metadata: the result's metadata (the parts' own metadata is not merged).
-
-    Returns:
-      Trajectories whose episodes, steps and returns are those of the parts, in order.
-    """
-    if not parts:
-        raise ValueError("concatenate got no datasets; fix: pass at least one")
-    shapes = {(p.observations.shape[1:], p.actions.shape[1:], p.actions.dtype) for p in parts}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"cannot concatenate datasets of different (observation, action) shapes {shapes}; "
-            "fix: concatenate sets of one environment"
-        )
-    offsets = np.cumsum([0] + [p.num_steps for p in parts[:-1]])
-    starts = np.concatenate(
-        [[0]] + [p.episode_starts[1:] + o for p, o in zip(parts, offsets)]
-    ).astype(np.int64)
-
-    def cat(key: str) -> np.ndarray | None:
-        values = [getattr(p, key) for p in parts]
-        return None if any(v is None for v in values) else np.concatenate(values)
-
-    return Trajectories(
-        observations=cat("observations"),
-        actions=cat("actions"),
-        rewards=cat("rewards"),
-        terminals=cat("terminals"),
-        timeouts=cat("timeouts"),
-        episode_starts=starts,
-        task_id=cat("task_id"),
-        metadata=dict(metadata),
-        next_observations=cat("next_observations"),
     )
 
 

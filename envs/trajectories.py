@@ -300,6 +300,49 @@ class Trajectories:
 
     # ---------------------------------------------------------------- construction
     @classmethod
+    def concatenate(
+        cls, parts: Sequence[Trajectories], metadata: Mapping[str, Any]
+    ) -> Trajectories:
+        """The episodes of `parts`, one set after the other (D4RL's medium-expert: medium, expert).
+
+        Args:
+          parts: sets with the same observation and action shapes; next_observations and task ids
+            are kept where every part has them.
+          metadata: the result's metadata (the parts' own metadata is not merged).
+
+        Returns:
+          Trajectories whose episodes, steps and returns are those of the parts, in order.
+        """
+        if not parts:
+            raise ValueError("concatenate got no datasets; fix: pass at least one")
+        shapes = {(p.observations.shape[1:], p.actions.shape[1:], p.actions.dtype) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"cannot concatenate datasets of different (observation, action) shapes {shapes}; "
+                "fix: concatenate sets of one environment"
+            )
+        offsets = np.cumsum([0] + [p.num_steps for p in parts[:-1]])
+        starts = np.concatenate(
+            [[0]] + [p.episode_starts[1:] + o for p, o in zip(parts, offsets)]
+        ).astype(np.int64)
+
+        def cat(key: str) -> np.ndarray | None:
+            values = [getattr(p, key) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate(values)
+
+        return cls(
+            observations=cat("observations"),
+            actions=cat("actions"),
+            rewards=cat("rewards"),
+            terminals=cat("terminals"),
+            timeouts=cat("timeouts"),
+            episode_starts=starts,
+            task_id=cat("task_id"),
+            metadata=dict(metadata),
+            next_observations=cat("next_observations"),
+        )
+
+    @classmethod
     def from_episodes(
         cls,
         episodes: Sequence[Mapping[str, Any]],

@@ -103,7 +103,7 @@ def test_medium_expert_is_medium_then_expert(collected):
     assert normalized_score(paths["medium-expert"], lo) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="different"):
         other = Trajectories(np.zeros((1, 3)), np.zeros((1, 3)), [0.0], [True], [False], [0, 1])
-        generate.concatenate([medium, other], {})
+        Trajectories.concatenate([medium, other], {})
 
 
 def _copy_run(out, tmp_path):
