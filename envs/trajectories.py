@@ -208,6 +208,14 @@ class Trajectories:
         """[E] float64 undiscounted episode returns (summed in float64 for accuracy)."""
         return np.add.reduceat(self.rewards.astype(np.float64), self.episode_starts[:-1])
 
+    def returns_within(self, steps: int) -> np.ndarray:
+        """[E] float64 return of each episode's first `steps` steps (an episode cut at a cap)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        offset = np.arange(self.num_steps) - np.repeat(self.episode_starts[:-1], self.lengths)
+        rewards = np.where(offset < steps, self.rewards.astype(np.float64), 0.0)
+        return np.add.reduceat(rewards, self.episode_starts[:-1])
+
     def __len__(self) -> int:
         return self.num_episodes
 

@@ -15,7 +15,6 @@ ablation.json and return_vs_context.png.
 
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -23,20 +22,10 @@ from absl import app, flags
 from ringrl.configs import ablation_context
 from ringrl.envs.evaluate import after_success
 from ringrl.experiments import cli
+from ringrl.experiments.cells import run_cell, stats
 
 DEFAULT_CONFIG = cli.packaged_config("ablation_context")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-cell runs")
-
-
-def _stats(results: list[dict], key) -> dict[str, float]:
-    values = [key(r) for r in results]
-    se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
-    return {
-        "mean": float(np.mean(values)),
-        "std": float(np.std(values)),
-        "se": se,  # standard error over seeds
-        "values": values,
-    }
 
 
 def ad_row(n: int, results: list[dict]) -> dict:
@@ -46,11 +35,11 @@ def ad_row(n: int, results: list[dict]) -> dict:
     last = min(10, len(results[0]["return_mean"]))
     return {
         "n": n,
-        "first": _stats(results, lambda r: r["return_mean"][0]),
-        "at_n": _stats(results, lambda r: r["return_mean"][min(n, len(r["return_mean"])) - 1]),
-        "last": _stats(results, lambda r: r["last_attempt_return_mean"]),
-        "best": _stats(results, lambda r: r["best_attempt_return_mean"]),
-        "last10": _stats(results, lambda r: float(np.mean(r["return_mean"][-last:]))),
+        "first": stats(results, lambda r: r["return_mean"][0]),
+        "at_n": stats(results, lambda r: r["return_mean"][min(n, len(r["return_mean"])) - 1]),
+        "last": stats(results, lambda r: r["last_attempt_return_mean"]),
+        "best": stats(results, lambda r: r["best_attempt_return_mean"]),
+        "last10": stats(results, lambda r: float(np.mean(r["return_mean"][-last:]))),
         **after_success(results),
         "return_by_attempt": np.mean([r["return_mean"] for r in results], 0).tolist(),
     }
@@ -61,8 +50,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_process()  # joins other processes (ringrl-launch or a cluster) first
     from ringrl.agents.agent import make_sampler
-    from ringrl.agents.checkpoint import Checkpointer, config_mismatch
-    from ringrl.agents.trainer import train_and_evaluate
     from ringrl.envs.sources import load_data
     from ringrl.experiments import plots
 
@@ -74,28 +61,7 @@ def main(argv: list[str]) -> None:
     evals = {}
     for n, seed, agent in cells:
         config = ablation_context.cell(base, n, seed, agent)
-        workdir = os.path.join(root, config.name)
-        path = os.path.join(workdir, "eval.json")
-        if os.path.exists(path):  # reuse a finished cell only if it was trained like this one
-            saved = Checkpointer(os.path.join(workdir, "checkpoints")).saved_config()
-            groups = ("model", "data", "optim", "eval", "num_steps", "batch_size", "seed")
-            diff = config_mismatch(saved, config.to_dict(), groups=groups)
-            if diff:
-                print(
-                    f"error: {workdir} was trained with other settings (differs in "
-                    f"{', '.join(diff)}); use a fresh --workdir",
-                    file=sys.stderr,
-                )
-                sys.exit(2)
-        else:
-            print(f"== {config.name}", flush=True)
-            try:
-                train_and_evaluate(config, workdir, resume=True)
-            except (ValueError, FileNotFoundError) as e:
-                print(f"error: {e}".splitlines()[0], file=sys.stderr)
-                sys.exit(2)
-        with open(path) as f:
-            evals[(n, seed, agent)] = json.load(f)
+        evals[(n, seed, agent)] = run_cell(config, os.path.join(root, config.name))
 
     def summary(keys):
         rs = [evals[k] for k in keys]
@@ -105,7 +71,7 @@ def main(argv: list[str]) -> None:
             ("best", lambda r: r["best_attempt_return_mean"]),
         )
         return {
-            **{name: _stats(rs, key) for name, key in (firsts, lasts, bests)},
+            **{name: stats(rs, key) for name, key in (firsts, lasts, bests)},
             **after_success(rs),
         }
 

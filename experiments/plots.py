@@ -105,6 +105,7 @@ def return_vs_context(
     baseline: Mapping[str, Any] | None = None,
     metric: str = "return",
     others: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    label: str = "AT, n trajectories in context",
 ) -> str:
     """Mean ± standard error (over seeds) of a return metric against n, trajectories in context.
 
@@ -115,6 +116,7 @@ def return_vs_context(
       baseline: optional {"label", "mean", "se"} drawn as a horizontal band (e.g. DT).
       metric: y-axis label.
       others: label -> rows like `rows` of other agents (e.g. AD), drawn as further series.
+      label: legend entry of `rows`.
 
     Returns:
       The written path.
@@ -135,7 +137,7 @@ def return_vs_context(
     n = np.array([r["n"] for r in rows])
     mean = np.array([r["mean"] for r in rows])
     std = np.array([r["se"] for r in rows])
-    ax.errorbar(n, mean, yerr=std, marker="o", capsize=4, label="AT, n trajectories in context")
+    ax.errorbar(n, mean, yerr=std, marker="o", capsize=4, label=label)
     if baseline is not None:
         ax.axhline(baseline["mean"], ls="--", c="C1", label=baseline["label"])
         ax.axhspan(

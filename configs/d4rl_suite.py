@@ -1,0 +1,140 @@
+r"""DT and AT on generated MuJoCo sets, 3 seeds each, and AT's n-ablation: the continuous-control
+results table at the scale this machine runs (issue 15).
+
+  ringrl-collect mujoco --env Hopper-v5 --steps 200000 --dataset-steps 200000 --out data
+  ringrl-collect mujoco --env Walker2d-v5 --steps 200000 --dataset-steps 200000 --out data
+  ringrl-d4rl                                  # every cell below, then the table and the plot
+  ringrl-train --config configs/d4rl_suite.py:set=hopper-medium-replay,agent=at,n=4,seed=1
+
+experiments/d4rl_suite.py trains and evaluates `cell(config, set, agent, n, seed)` for every set
+and seed in `config.suite` (DT; AT with `suite.at_n` trajectories) and every n of
+`suite.ablation_ns` on `suite.ablation_set` (AT), reusing cells that have an eval.json.
+
+What every cell shares, so that DT and AT differ only in what they read:
+- the backbone of Chen et al.'s DT (configs/dt_d4rl.py: 128 wide, 3 layers, 1 head, relu,
+  dropout 0.1, LayerNorm on the embeddings, states normalised, returns-to-go / 1000);
+- the schedule: `suite.steps` AdamW steps (lr `suite.lr`, 10% warmup, cosine decay; Chen et al.
+  run 100k steps at 1e-4, 8-14 h per run on this CPU);
+- the data per step: DT the paper's 64 windows of K = 20 steps (1280 steps, 3840 tokens); AT
+  `suite.trajectories_per_step` / n contexts of n trajectories of `suite.cap` steps, one token
+  each: 8 x 256 = 2048 steps and tokens for every n (an AT step costs ~1.6x a DT step here).
+
+How they differ:
+- DT reads a window of K = 20 steps (3 tokens each) and is evaluated on whole 1000-step episodes
+  from the paper's target return (the faithful protocol), and again truncated at the cap;
+- AT reads n return-sorted trajectories, one token per step, each cut at `suite.cap` steps (whole
+  1000-step slots would make n = 8 an 8000-token context: ~16 s per step here), sharded over the
+  ring of every device (zigzag layout). It is evaluated on episodes of `suite.cap` steps, n
+  attempts in a row with the earlier ones in context, from the paper's target scaled to the cap
+  (target * cap / 1000). Its scores are normalised with references at the same cap (the random
+  and expert sets' returns over their first `cap` steps), and compared with DT's at the cap.
+"""
+
+import ml_collections
+
+from ringrl.configs import at_d4rl, common, dt_d4rl
+
+AGENTS = ("dt", "at")
+
+
+def data_path(folder: str, name: str) -> str:
+    """Where `ringrl-collect mujoco --out folder` writes set `name` ("hopper-medium-replay")."""
+    return f"{folder.rstrip('/')}/{name}-ringrl-v0.hdf5"
+
+
+def cell(
+    config: ml_collections.ConfigDict, name: str, agent: str, n: int, seed: int
+) -> ml_collections.ConfigDict:
+    """The run of one table cell: `agent` ("dt" or "at" with n trajectories) on set `name`."""
+    if agent not in AGENTS:
+        raise ValueError(f"suite agent must be one of {AGENTS}, got {agent!r}")
+    s = config.suite
+    path = data_path(s.data, name)
+    smoke = ",smoke" if s.smoke else ""
+    if agent == "dt":
+        out = dt_d4rl.get_config(f"path={path},target={s.target}{smoke}")
+        out.name = f"dt_{name}_seed{seed}"
+        per_step = s.dt_batch
+    else:
+        if s.trajectories_per_step % n:
+            raise ValueError(
+                f"suite.trajectories_per_step={s.trajectories_per_step} is not a multiple of "
+                f"n={n}; pick ns that divide it"
+            )
+        out = at_d4rl.get_config(f"path={path},n={n},target={s.target}{smoke}")
+        out.name = f"at_{name}_n{n}_seed{seed}"
+        per_step = s.trajectories_per_step // n
+        # DT's backbone and regularisation (at_d4rl.py keeps its own otherwise).
+        dt_model = dt_d4rl.get_config(smoke[1:]).model
+        for key in ("embed_dim", "num_layers", "num_heads", "mlp_ratio", "dropout"):
+            out.model[key] = dt_model[key]
+        for key in ("embed_norm", "activation", "return_scale"):
+            out.model[key] = dt_model[key]
+        out.model.reward_scale = s.reward_scale
+        out.model.remat = "none"  # contexts of at most 8 x cap tokens fit without it
+        out.model.layout = "zigzag"  # n * cap divides by 2 x the ring for every n here
+        out.mesh = (("data", 1), ("seq", -1))  # the ring spans every device
+        out.data.horizon = s.cap  # slots of `cap` steps (longer episodes cut there)
+        out.eval.max_steps = s.cap  # ... so evaluation episodes end there too
+        out.eval.target_return = out.eval.target_return * s.cap / 1000.0
+    out.seed = seed
+    out.batch_size = per_step
+    out.num_steps = s.steps
+    out.optim.lr = s.lr
+    out.optim.warmup_steps = max(1, s.steps // 10)
+    out.eval.every = 0  # once, at the end
+    out.eval.seed = 100 + 1000 * seed  # evaluation environments differ per seed
+    out.eval.num_envs = s.episodes
+    out.checkpoint_every = s.steps
+    out.log_every = max(1, s.steps // 20)
+    out.suite = s.to_dict()
+    out.lock()
+    return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Args: set, agent ("dt" or "at"), n, seed (one cell, for ringrl-train), data (folder of the
+    sets), smoke."""
+    arg = common.parse_arg(
+        arg, set="hopper-medium-replay", agent="at", n=4, seed=0, data="data", smoke=False
+    )
+    config = ml_collections.ConfigDict()
+    config.suite = dict(
+        data=arg.data,  # folder ringrl-collect mujoco wrote to
+        # DT only (its behaviour-cloning target is on the medium and medium-replay sets).
+        dt_sets=("hopper-medium", "walker2d-medium"),
+        sets=(
+            "hopper-medium-replay",
+            "hopper-medium-expert",
+            "walker2d-medium-replay",
+            "walker2d-medium-expert",
+        ),
+        seeds=(0, 1, 2),
+        at_n=4,  # AT's trajectories in context in the DT/AT table
+        ablation_set="hopper-medium-replay",
+        ablation_ns=(1, 2, 4, 8),  # AT cells of the n-ablation (n = at_n is shared)
+        cap=256,  # AT: steps per trajectory slot and per evaluation episode
+        trajectories_per_step=8,  # AT: contexts per step = this / n (8 x 256 = 2048 tokens)
+        dt_batch=64,  # DT: windows of K = 20 steps per train step (3840 tokens, as the paper)
+        steps=800,  # train steps of every cell
+        lr=6e-4,  # peak AdamW learning rate of every cell
+        reward_scale=0.3,  # AT's reward input scale (MuJoCo rewards are ~1-5 per step)
+        target="high",  # the paper's target return per task ("high", "low" or a number)
+        episodes=10,  # evaluation episodes (environments) per cell
+        smoke=False,  # tiny models and data sizes (tests)
+    )
+    if arg.smoke:  # tests: a few CPU seconds per cell (the agents' own smoke models)
+        config.suite.update(
+            smoke=True,
+            steps=2,
+            cap=16,
+            trajectories_per_step=4,
+            dt_batch=8,
+            dt_sets=(),
+            episodes=2,
+            at_n=2,
+            ablation_ns=(1, 2),
+            seeds=(0,),
+            sets=("hopper-medium-replay",),
+        )
+    return cell(config, arg.set, arg.agent, arg.n, arg.seed)

@@ -1,0 +1,215 @@
+r"""ringrl-d4rl: DT and AT on generated MuJoCo sets over seeds, and AT's n-ablation (issue 15).
+
+  ringrl-d4rl                                    # configs/d4rl_suite.py, runs/d4rl
+  ringrl-d4rl --config configs/d4rl_suite.py:data=/path/to/sets --workdir runs/d4rl
+
+One run per cell of configs/d4rl_suite.py in <workdir>/<cell> (cells with an eval.json are
+reused; a cell trained with other settings is refused), then:
+- per set, normalised scores (100 * (R - random) / (expert - random), references from the sets'
+  own files), mean ± standard error over seeds of each run's mean over its evaluation episodes:
+  the data (mean and best 10% of the set's episodes), DT on whole episodes, and at the cap
+  (every episode cut at `suite.cap` steps, references cut there too) the data, DT, and AT's best
+  and last of n attempts;
+- the n-ablation on `suite.ablation_set`: AT's best and last attempt at the cap against n;
+- d4rl_suite.json and score_vs_context.png in <workdir>.
+"""
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from ringrl.configs import d4rl_suite
+from ringrl.experiments import cli
+from ringrl.experiments.cells import run_cell, stats
+
+DEFAULT_CONFIG = cli.packaged_config("d4rl_suite")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/d4rl", "folder of the per-cell runs")
+
+
+def cells(suite) -> list[tuple[str, str, int, int]]:
+    """(set, agent, n, seed) of every run, in the order they are trained: the DT/AT table first,
+    then the ablation's other ns, then DT on the DT-only sets."""
+    out = []
+    for name in suite.sets:
+        for seed in suite.seeds:
+            out += [(name, "dt", 1, seed), (name, "at", suite.at_n, seed)]
+    for n in suite.ablation_ns:
+        for seed in suite.seeds:
+            if (suite.ablation_set, "at", n, seed) not in out:
+                out.append((suite.ablation_set, "at", n, seed))
+    out += [(name, "dt", 1, seed) for name in suite.dt_sets for seed in suite.seeds]
+    return out
+
+
+def family_of(name: str) -> str:
+    """ "hopper-medium-replay" -> "hopper"."""
+    return name.split("-")[0]
+
+
+def references(folder: str, family: str, cap: int | None = None) -> tuple[float, float]:
+    """(random, expert): the mean episode return of the family's random and expert sets, over
+    whole episodes (None; the files' own ref_min/ref_max) or over each episode's first `cap`
+    steps."""
+    from ringrl.envs.datasets import load_d4rl
+
+    out = []
+    for level in ("random", "expert"):
+        data = load_d4rl(d4rl_suite.data_path(folder, f"{family}-{level}"))
+        out.append(float((data.returns if cap is None else data.returns_within(cap)).mean()))
+    return out[0], out[1]
+
+
+def normalise(returns, ref: tuple[float, float]) -> np.ndarray:
+    """100 * (R - random) / (expert - random)."""
+    lo, hi = ref
+    return 100.0 * (np.asarray(returns, np.float64) - lo) / (hi - lo)
+
+
+def data_scores(folder: str, name: str, cap: int) -> dict[str, float]:
+    """The set's own episodes, normalised: mean and best-10% mean, whole and cut at `cap`."""
+    from ringrl.envs.datasets import load_d4rl
+
+    data = load_d4rl(d4rl_suite.data_path(folder, name))
+    family = family_of(name)
+    out = {}
+    for suffix, returns, ref in (
+        ("", data.returns, references(folder, family)),
+        ("_cap", data.returns_within(cap), references(folder, family, cap)),
+    ):
+        r = np.sort(returns)
+        best = r[-max(1, int(round(0.1 * len(r)))) :]
+        out["mean" + suffix] = float(normalise(r.mean(), ref))
+        out["best10" + suffix] = float(normalise(best.mean(), ref))
+    out["episodes"] = int(data.num_episodes)
+    return out
+
+
+def cap_eval(workdir: str, cap: int) -> dict:
+    """A DT run evaluated again on episodes cut at `cap` steps (eval_cap.json, reused)."""
+    from ringrl.agents.evaluation import evaluate_checkpoint, write_eval
+
+    path = os.path.join(workdir, "eval_cap.json")
+    if not os.path.exists(path):
+        _, result = evaluate_checkpoint(workdir, max_steps=cap)
+        write_eval(workdir, result, "eval_cap.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.setup_process()
+    base, root = cli.flag_value(), _WORKDIR.value
+    suite = base.suite
+    evals, caps = {}, {}
+    for key in cells(suite):
+        config = d4rl_suite.cell(base, *key)
+        workdir = os.path.join(root, config.name)
+        evals[key] = run_cell(config, workdir)
+        if key[1] == "dt":
+            caps[key] = cap_eval(workdir, suite.cap)
+
+    def scores(results, ref, which="last"):
+        # Each run: the mean over its episodes of the normalised best or last attempt.
+        per_run = []
+        for r in results:
+            norm = normalise(r["returns"], ref)  # [episodes, attempts]
+            per_run.append(float((norm.max(1) if which == "best" else norm[:, -1]).mean()))
+        return stats(per_run, lambda v: v)
+
+    seeds = suite.seeds
+    table = []
+    for name in tuple(suite.sets) + tuple(suite.dt_sets):
+        family = family_of(name)
+        full, cut = references(suite.data, family), references(suite.data, family, suite.cap)
+        dt = [(name, "dt", 1, s) for s in seeds]
+        row = {
+            "set": name,
+            "data": data_scores(suite.data, name, suite.cap),
+            "dt": scores([evals[k] for k in dt], full),
+            "dt_cap": scores([caps[k] for k in dt], cut),
+            "dt_length": float(np.mean([evals[k]["length_mean"][0] for k in dt])),
+            "ref": full,
+            "ref_cap": cut,
+        }
+        if name in suite.sets:
+            at = [evals[(name, "at", suite.at_n, s)] for s in seeds]
+            row["at_best_cap"] = scores(at, cut, "best")
+            row["at_last_cap"] = scores(at, cut, "last")
+        table.append(row)
+    cut = references(suite.data, family_of(suite.ablation_set), suite.cap)
+    ablation = []
+    for n in suite.ablation_ns:
+        rs = [evals[(suite.ablation_set, "at", n, s)] for s in seeds]
+        ablation.append(
+            {
+                "n": n,
+                "best": scores(rs, cut, "best"),
+                "last": scores(rs, cut, "last"),
+                "first": stats(rs, lambda r: float(normalise(r["returns"], cut)[:, 0].mean())),
+            }
+        )
+
+    def fmt(x):
+        return f"{x['mean']:6.1f} ± {x['se']:<4.1f}"
+
+    print(
+        f"normalised score, mean ± standard error over seeds {tuple(seeds)} of each run's mean "
+        f"over {suite.episodes} episodes; {suite.steps} train steps per run; cap = first "
+        f"{suite.cap} steps of every episode (references cut there too); AT n = {suite.at_n}"
+    )
+    print(
+        "| set | data mean | data best 10% | DT | data mean (cap) | data best 10% (cap) | "
+        "DT (cap) | AT best of n (cap) | AT last (cap) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in table:
+        d = row["data"]
+        print(
+            f"| {row['set']} | {d['mean']:.1f} | {d['best10']:.1f} | {fmt(row['dt'])} | "
+            f"{d['mean_cap']:.1f} | {d['best10_cap']:.1f} | {fmt(row['dt_cap'])} | "
+            + (
+                f"{fmt(row['at_best_cap'])} | {fmt(row['at_last_cap'])} |"
+                if "at_best_cap" in row
+                else "- | - |"
+            )
+        )
+    print(f"\nAT n-ablation on {suite.ablation_set} (cap {suite.cap}):")
+    print("| n | attempt 1 | last attempt | best attempt |")
+    print("|---:|---:|---:|---:|")
+    for row in ablation:
+        print(f"| {row['n']} | {fmt(row['first'])} | {fmt(row['last'])} | {fmt(row['best'])} |")
+    from ringrl.experiments import plots
+
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, "d4rl_suite.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"table": table, "ablation": ablation, "suite": suite.to_dict()}, f, indent=1)
+    os.replace(tmp, os.path.join(root, "d4rl_suite.json"))
+    dt_row = (
+        next(r for r in table if r["set"] == suite.ablation_set)
+        if suite.ablation_set in (suite.sets)
+        else None
+    )
+    png = plots.return_vs_context(
+        [{"n": r["n"], **r["last"]} for r in ablation],
+        os.path.join(root, "score_vs_context.png"),
+        title=f"{suite.ablation_set}, episodes cut at {suite.cap} steps",
+        baseline={"label": "DT", **dt_row["dt_cap"]} if dt_row else None,
+        metric="normalised score",
+        label="AT, last attempt",
+        others={"AT, best attempt": [{"n": r["n"], **r["best"]} for r in ablation]},
+    )
+    print(f"wrote {os.path.join(root, 'd4rl_suite.json')} and {png}")
+
+
+def run() -> None:
+    """Console-script entry point (ringrl-d4rl)."""
+    cli.run(main, default=DEFAULT_CONFIG)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,128 @@
+"""The continuous-control suite (configs/d4rl_suite.py, ringrl-d4rl): cells share data per step and
+schedule, AT's slots and evaluation episodes end at the cap, references are cut at the cap, and
+an end-to-end smoke run on tiny generated Hopper sets writes the table, the JSON and the plot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ringrl.configs import d4rl_suite
+from ringrl.envs.trajectories import Trajectories
+from ringrl.experiments import d4rl_suite as runner
+
+
+def test_returns_within_cuts_each_episode():
+    data = Trajectories(
+        observations=np.zeros((6, 1), np.float32),
+        actions=np.zeros((6, 1), np.float32),
+        rewards=np.array([1, 2, 3, 10, 20, 5], np.float32),
+        terminals=np.array([0, 0, 1, 0, 0, 1], bool),
+        timeouts=np.zeros(6, bool),
+        episode_starts=np.array([0, 3, 5, 6]),
+    )
+    np.testing.assert_array_equal(data.returns_within(2), [3, 30, 5])
+    np.testing.assert_array_equal(data.returns_within(99), data.returns)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        data.returns_within(0)
+
+
+def test_cells_share_schedule_and_data_per_step():
+    base = d4rl_suite.get_config()
+    s = base.suite
+    dt = d4rl_suite.cell(base, "walker2d-medium-expert", "dt", 1, 2)
+    assert dt.name == "dt_walker2d-medium-expert_seed2" and dt.seed == 2
+    assert dt.data.path == "data/walker2d-medium-expert-ringrl-v0.hdf5"
+    assert dt.data.context_steps == 20 and dt.eval.max_steps == 0  # whole episodes
+    assert dt.eval.target_return == 5000.0
+    for n in s.ablation_ns:
+        at = d4rl_suite.cell(base, "hopper-medium-replay", "at", n, 1)
+        # About equal tokens per train step (AT: 1 per step; DT: 3), schedule and backbone.
+        assert at.batch_size * n * s.cap == s.trajectories_per_step * s.cap
+        assert at.batch_size * n * s.cap >= dt.batch_size * 20  # env steps per train step
+        assert (at.num_steps, at.optim.lr, at.optim.warmup_steps) == (
+            dt.num_steps,
+            dt.optim.lr,
+            dt.optim.warmup_steps,
+        )
+        for key in ("embed_dim", "num_layers", "num_heads", "dropout", "embed_norm", "activation"):
+            assert at.model[key] == dt.model[key], key
+        assert at.data.horizon == at.eval.max_steps == s.cap and at.eval.attempts == n
+        assert at.eval.target_return == pytest.approx(3600.0 * s.cap / 1000)
+        assert (n * s.cap) % 16 == 0  # zigzag over 8 devices
+        assert at.eval.seed == dt.eval.seed - 1000
+    with pytest.raises(ValueError, match="not a multiple of n=3"):
+        d4rl_suite.cell(base, "hopper-medium-replay", "at", 3, 0)
+    cells = runner.cells(s)
+    assert len(cells) == len(set(cells)) == 2 * 4 * 3 + 3 * 3 + 2 * 3
+
+
+def _tiny_set(path: str, rng: np.random.Generator, reward: float, episodes: int) -> None:
+    lengths = rng.integers(10, 30, size=episodes)
+    n = int(lengths.sum())
+    ends = np.cumsum(lengths) - 1
+    Trajectories(
+        observations=rng.normal(size=(n, 11)).astype(np.float32),
+        actions=rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+        rewards=(reward + rng.normal(size=n)).astype(np.float32),
+        terminals=np.isin(np.arange(n), ends),
+        timeouts=np.zeros(n, bool),
+        episode_starts=np.concatenate([[0], np.cumsum(lengths)]),
+        metadata={"env_id": "Hopper-v5", "ref_min_score": 0.0, "ref_max_score": 30.0},
+    ).save(path)
+
+
+def _suite(data, work):
+    """ringrl-d4rl's smoke suite on the tiny sets in `data`, in a subprocess (absl flags)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ringrl.experiments.d4rl_suite",
+            f"--config=configs/d4rl_suite.py:smoke,data={data}",
+            f"--workdir={work}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work.parent,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for level, reward in (("random", 0.0), ("expert", 1.0), ("medium-replay", 0.5)):
+        _tiny_set(str(data / f"hopper-{level}-ringrl-v0.hdf5"), rng, reward, 12)
+    work = root / "runs"
+    return data, work, _suite(data, work)
+
+
+def test_suite_smoke_writes_table_json_and_plot(suite_run):
+    data, work, proc = suite_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "| hopper-medium-replay |" in out and "AT n-ablation" in out
+    result = json.load(open(work / "d4rl_suite.json"))
+    (row,) = result["table"]
+    ref_cap = runner.references(str(data), "hopper", 16)
+    assert row["ref_cap"] == pytest.approx(list(ref_cap))
+    # DT's capped evaluation ends at 16 steps; AT's slots and episodes do too.
+    cap = json.load(open(work / "dt_hopper-medium-replay_seed0" / "eval_cap.json"))
+    assert np.max(cap["lengths"]) <= 16
+    at = json.load(open(work / "at_hopper-medium-replay_n2_seed0" / "eval.json"))
+    assert at["attempts"] == 2 and np.max(at["lengths"]) <= 16
+    # The table's AT score is the normalised mean of the run's episodes, recomputed here.
+    best = np.max(runner.normalise(at["returns"], ref_cap), axis=1).mean()
+    assert row["at_best_cap"]["values"][0] == pytest.approx(best)
+    assert [r["n"] for r in result["ablation"]] == [1, 2]
+    assert os.path.getsize(work / "score_vs_context.png") > 1000
+    # A second run reuses every cell: nothing is trained ("== <cell>" is printed per training).
+    again = _suite(data, work)
+    assert again.returncode == 0 and "== " not in again.stdout
