@@ -25,7 +25,9 @@ r"""Agent benchmark on 8 (virtual) devices: sharded training and cached acting.
     (embeddings, projections, norms, head, loss, optimizer) is the remainder. Host input is the
     sampler's batch plus the transfer to the mesh, timed alone: the loop dispatches the step
     asynchronously, so host input overlaps the previous step unless it is longer.
-    --d4rl_n, --d4rl_batch and --d4rl_horizon shrink AT for a small run.
+    --d4rl_n, --d4rl_batch and --d4rl_horizon shrink AT for a small run. With --d4rl_suite:
+    the cells of configs/d4rl_suite.py instead (DT, and AT at each n of --d4rl_ns with slots cut
+    at the suite's cap), the contexts the continuous-control results were trained at.
 
 Timings are medians; on a shared 2-core CPU host the 8 devices share the cores, so absolute
 numbers are noisy and per-device parallel speedups are not real. Bars (issue 5): ring per-device
@@ -252,6 +254,16 @@ def d4rl_configs(
     return [("dt_d4rl", dt_cfg), (f"at_d4rl n={n}", at_cfg)]
 
 
+def suite_configs(ns: tuple[int, ...]) -> list:
+    """(name, config) of configs/d4rl_suite.py's DT cell and its AT cells at each n."""
+    from ringrl.configs import d4rl_suite  # noqa: PLC0415 (configs only for --d4rl_suite)
+
+    base = d4rl_suite.get_config()
+    name = base.suite.ablation_set
+    out = [("suite dt", d4rl_suite.cell(base, name, "dt", 1, 0))]
+    return out + [(f"suite at n={n}", d4rl_suite.cell(base, name, "at", n, 0)) for n in ns]
+
+
 def bench_d4rl(name: str, cfg: ml_collections.ConfigDict, steps: int) -> dict:
     """Tokens/s and the attention / FFN / host shares of one config's train step."""
     agent = dt if cfg.data.mode == "dt" else at
@@ -327,6 +339,9 @@ def main() -> None:
     parser.add_argument("--d4rl_horizon", type=int, help="AT steps per trajectory (default 1000)")
     parser.add_argument("--d4rl_steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--d4rl_mesh", help="data,seq devices for both configs (default: theirs)")
+    parser.add_argument("--d4rl_suite", action="store_true",
+                        help="(c) on configs/d4rl_suite.py's DT and AT cells")  # fmt: skip
+    parser.add_argument("--d4rl_ns", default="1,8", help="AT ns with --d4rl_suite")
     args = parser.parse_args()
     jax.config.update("jax_threefry_partitionable", True)
     if args.d4rl:
@@ -337,7 +352,11 @@ def main() -> None:
               f"{'ffn':>6} {'other':>6} "
               f"{'host ms':>8} {'host/step':>9}")  # fmt: skip
         mesh = tuple(int(x) for x in args.d4rl_mesh.split(",")) if args.d4rl_mesh else None
-        for name, cfg in d4rl_configs(args.d4rl_n, args.d4rl_batch, args.d4rl_horizon, mesh):
+        if args.d4rl_suite:
+            configs = suite_configs(tuple(int(n) for n in args.d4rl_ns.split(",")))
+        else:
+            configs = d4rl_configs(args.d4rl_n, args.d4rl_batch, args.d4rl_horizon, mesh)
+        for name, cfg in configs:
             r = bench_d4rl(name, cfg, args.d4rl_steps)
             print(f"{r['name']:>14} {r['mesh']:>5} {r['batch']:>5} {r['context']:>8} "
                   f"{r['tokens']:>7} {r['tok_s']:>8.0f} {1e3 * r['step_s']:>8.1f} "

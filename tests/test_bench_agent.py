@@ -35,3 +35,14 @@ def test_identity_swaps_take_effect_and_are_undone():
     np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, batch)), outputs[None])
     traj = bench_agent.synthetic_trajectories(3, length=5)
     assert traj.num_episodes == 3 and traj.timeouts.sum() == 3
+
+
+def test_suite_configs_are_the_suite_cells():
+    """--d4rl_suite times the cells the continuous-control results were trained with."""
+    from ringrl.configs import d4rl_suite
+
+    (dt_name, dt_cfg), *ats = bench_agent.suite_configs((1, 8))
+    base = d4rl_suite.get_config()
+    assert dt_cfg.to_dict() == d4rl_suite.cell(base, base.suite.ablation_set, "dt", 1, 0).to_dict()
+    assert [c.data.num_trajectories for _, c in ats] == [1, 8]
+    assert all(c.data.horizon == base.suite.cap and dict(c.mesh)["seq"] == -1 for _, c in ats)
