@@ -86,6 +86,22 @@ def data_scores(folder: str, name: str, cap: int) -> dict[str, float]:
     return out
 
 
+def data_by_slot(config, ref: tuple[float, float], contexts: int = 1024) -> list[float]:
+    """Normalised mean return of the trajectory in each slot of an AT cell's training contexts
+    (slot k holds the k-th worst of the n draws, cut at the cap): what attempt k imitates."""
+    from ringrl.agents.agent import make_sampler
+    from ringrl.envs.sources import load_data
+
+    trajectories = load_data(config, verbose=False).trajectories
+    batch = make_sampler(config, trajectories, seed=0).sample(contexts)
+    n = config.data.num_trajectories
+    per_slot = [
+        (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1).mean()
+        for k in range(n)
+    ]
+    return [float(v) for v in normalise(per_slot, ref)]
+
+
 def cap_eval(workdir: str, cap: int) -> dict:
     """A DT run evaluated again on episodes cut at `cap` steps (eval_cap.json, reused)."""
     from ringrl.agents.evaluation import evaluate_checkpoint, write_eval
@@ -150,6 +166,12 @@ def main(argv: list[str]) -> None:
                 "best": scores(rs, cut, "best"),
                 "last": scores(rs, cut, "last"),
                 "first": stats(rs, lambda r: float(normalise(r["returns"], cut)[:, 0].mean())),
+                "by_attempt": np.mean(
+                    [normalise(r["returns"], cut).mean(0) for r in rs], 0
+                ).tolist(),
+                "data_by_slot": data_by_slot(
+                    d4rl_suite.cell(base, suite.ablation_set, "at", n, seeds[0]), cut
+                ),
             }
         )
 
@@ -182,6 +204,11 @@ def main(argv: list[str]) -> None:
     print("|---:|---:|---:|---:|")
     for row in ablation:
         print(f"| {row['n']} | {fmt(row['first'])} | {fmt(row['last'])} | {fmt(row['best'])} |")
+    print("per attempt (mean over seeds) against the data's slot k (k-th worst of n draws):")
+    for row in ablation:
+        agent = " ".join(f"{v:5.1f}" for v in row["by_attempt"])
+        data = " ".join(f"{v:5.1f}" for v in row["data_by_slot"])
+        print(f"n={row['n']:<2} agent {agent}\n     data  {data}")
     from ringrl.experiments import plots
 
     os.makedirs(root, exist_ok=True)
