@@ -8,7 +8,7 @@ results table at the scale this machine runs (issue 15).
 
 experiments/d4rl_suite.py trains and evaluates `cell(config, set, agent, n, seed)` for every set
 and seed in `config.suite` (DT; AT with `suite.at_n` trajectories) and every n of
-`suite.ablation_ns` on `suite.ablation_set` (AT), reusing cells that have an eval.json.
+`suite.ablation_ns` on each of `suite.ablation_sets` (AT), reusing cells that have an eval.json.
 
 What every cell shares, so that DT and AT differ only in what they read:
 - the backbone of Chen et al.'s DT (configs/dt_d4rl.py: 128 wide, 3 layers, 1 head, relu,
@@ -101,8 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.suite = dict(
         data=arg.data,  # folder ringrl-collect mujoco wrote to
-        # DT only (its behaviour-cloning target is on the medium and medium-replay sets).
-        dt_sets=("hopper-medium", "walker2d-medium"),
+        # DT only, e.g. ("hopper-medium", "walker2d-medium") (not run for the README table).
+        dt_sets=(),
         sets=(
             "hopper-medium-replay",
             "hopper-medium-expert",
@@ -111,7 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
         seeds=(0, 1, 2),
         at_n=4,  # AT's trajectories in context in the DT/AT table
-        ablation_set="hopper-medium-replay",
+        # AT's n-ablation on each of these (n = at_n shared with the table).
+        ablation_sets=("hopper-medium-replay", "hopper-medium-expert"),
         ablation_ns=(1, 2, 4, 8),  # AT cells of the n-ablation (n = at_n is shared)
         cap=256,  # AT: steps per trajectory slot and per evaluation episode
         trajectories_per_step=8,  # AT: contexts per step = this / n (8 x 256 = 2048 tokens)
@@ -131,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             trajectories_per_step=4,
             dt_batch=8,
             dt_sets=(),
+            ablation_sets=("hopper-medium-replay",),
             episodes=2,
             at_n=2,
             ablation_ns=(1, 2),

@@ -259,7 +259,7 @@ def suite_configs(ns: tuple[int, ...]) -> list:
     from ringrl.configs import d4rl_suite  # noqa: PLC0415 (configs only for --d4rl_suite)
 
     base = d4rl_suite.get_config()
-    name = base.suite.ablation_set
+    name = base.suite.ablation_sets[0]
     out = [("suite dt", d4rl_suite.cell(base, name, "dt", 1, 0))]
     return out + [(f"suite at n={n}", d4rl_suite.cell(base, name, "at", n, 0)) for n in ns]
 

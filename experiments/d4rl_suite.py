@@ -10,8 +10,9 @@ reused; a cell trained with other settings is refused), then:
   the data (mean and best 10% of the set's episodes), DT on whole episodes, and at the cap
   (every episode cut at `suite.cap` steps, references cut there too) the data, DT, and AT's best
   and last of n attempts;
-- the n-ablation on `suite.ablation_set`: AT's best and last attempt at the cap against n;
-- d4rl_suite.json and score_vs_context.png in <workdir>.
+- the n-ablation on each of `suite.ablation_sets`: AT's first, last and best attempt at the cap
+  against n, and its return per attempt against the data's slot k;
+- d4rl_suite.json and score_vs_context.png (one panel per ablation set) in <workdir>.
 """
 
 import json
@@ -35,10 +36,11 @@ def cells(suite) -> list[tuple[str, str, int, int]]:
     for name in suite.sets:
         for seed in suite.seeds:
             out += [(name, "dt", 1, seed), (name, "at", suite.at_n, seed)]
-    for n in suite.ablation_ns:
-        for seed in suite.seeds:
-            if (suite.ablation_set, "at", n, seed) not in out:
-                out.append((suite.ablation_set, "at", n, seed))
+    for name in suite.ablation_sets:
+        for n in suite.ablation_ns:
+            for seed in suite.seeds:
+                if (name, "at", n, seed) not in out:
+                    out.append((name, "at", n, seed))
     out += [(name, "dt", 1, seed) for name in suite.dt_sets for seed in suite.seeds]
     return out
 
@@ -156,24 +158,29 @@ def main(argv: list[str]) -> None:
             row["at_best_cap"] = scores(at, cut, "best")
             row["at_last_cap"] = scores(at, cut, "last")
         table.append(row)
-    cut = references(suite.data, family_of(suite.ablation_set), suite.cap)
-    ablation = []
-    for n in suite.ablation_ns:
-        rs = [evals[(suite.ablation_set, "at", n, s)] for s in seeds]
-        ablation.append(
-            {
-                "n": n,
-                "best": scores(rs, cut, "best"),
-                "last": scores(rs, cut, "last"),
-                "first": stats(rs, lambda r: float(normalise(r["returns"], cut)[:, 0].mean())),
-                "by_attempt": np.mean(
-                    [normalise(r["returns"], cut).mean(0) for r in rs], 0
-                ).tolist(),
-                "data_by_slot": data_by_slot(
-                    d4rl_suite.cell(base, suite.ablation_set, "at", n, seeds[0]), cut
-                ),
-            }
-        )
+    ablations = {}
+    for name in suite.ablation_sets:
+        cut = references(suite.data, family_of(name), suite.cap)
+        rows = []
+        for n in suite.ablation_ns:
+            rs = [evals[(name, "at", n, s)] for s in seeds]
+            rows.append(
+                {
+                    "n": n,
+                    "best": scores(rs, cut, "best"),
+                    "last": scores(rs, cut, "last"),
+                    "first": stats(
+                        rs, lambda r, cut=cut: float(normalise(r["returns"], cut)[:, 0].mean())
+                    ),
+                    "by_attempt": np.mean(
+                        [normalise(r["returns"], cut).mean(0) for r in rs], 0
+                    ).tolist(),
+                    "data_by_slot": data_by_slot(
+                        d4rl_suite.cell(base, name, "at", n, seeds[0]), cut
+                    ),
+                }
+            )
+        ablations[name] = rows
 
     def fmt(x):
         return f"{x['mean']:6.1f} ± {x['se']:<4.1f}"
@@ -199,36 +206,37 @@ def main(argv: list[str]) -> None:
                 else "- | - |"
             )
         )
-    print(f"\nAT n-ablation on {suite.ablation_set} (cap {suite.cap}):")
-    print("| n | attempt 1 | last attempt | best attempt |")
-    print("|---:|---:|---:|---:|")
-    for row in ablation:
-        print(f"| {row['n']} | {fmt(row['first'])} | {fmt(row['last'])} | {fmt(row['best'])} |")
-    print("per attempt (mean over seeds) against the data's slot k (k-th worst of n draws):")
-    for row in ablation:
-        agent = " ".join(f"{v:5.1f}" for v in row["by_attempt"])
-        data = " ".join(f"{v:5.1f}" for v in row["data_by_slot"])
-        print(f"n={row['n']:<2} agent {agent}\n     data  {data}")
+    for name, rows in ablations.items():
+        print(f"\nAT n-ablation on {name} (cap {suite.cap}):")
+        print("| n | attempt 1 | last attempt | best attempt |")
+        print("|---:|---:|---:|---:|")
+        for row in rows:
+            cols = " | ".join(fmt(row[k]) for k in ("first", "last", "best"))
+            print(f"| {row['n']} | {cols} |")
+        print("per attempt (mean over seeds) against the data's slot k (k-th worst of n draws):")
+        for row in rows:
+            agent = " ".join(f"{v:5.1f}" for v in row["by_attempt"])
+            data = " ".join(f"{v:5.1f}" for v in row["data_by_slot"])
+            print(f"n={row['n']:<2} agent {agent}\n     data  {data}")
     from ringrl.experiments import plots
 
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, "d4rl_suite.json.tmp")
     with open(tmp, "w") as f:
-        json.dump({"table": table, "ablation": ablation, "suite": suite.to_dict()}, f, indent=1)
+        json.dump({"table": table, "ablations": ablations, "suite": suite.to_dict()}, f, indent=1)
     os.replace(tmp, os.path.join(root, "d4rl_suite.json"))
-    dt_row = (
-        next(r for r in table if r["set"] == suite.ablation_set)
-        if suite.ablation_set in (suite.sets)
-        else None
-    )
-    png = plots.return_vs_context(
-        [{"n": r["n"], **r["last"]} for r in ablation],
+    dt_rows = {r["set"]: r for r in table}
+    png = plots.score_vs_context_panels(
+        {
+            name: {
+                "last": [{"n": r["n"], **r["last"]} for r in rows],
+                "best": [{"n": r["n"], **r["best"]} for r in rows],
+                "dt": dt_rows[name]["dt_cap"] if name in dt_rows else None,
+            }
+            for name, rows in ablations.items()
+        },
         os.path.join(root, "score_vs_context.png"),
-        title=f"{suite.ablation_set}, episodes cut at {suite.cap} steps",
-        baseline={"label": "DT", **dt_row["dt_cap"]} if dt_row else None,
-        metric="normalised score",
-        label="AT, last attempt",
-        others={"AT, best attempt": [{"n": r["n"], **r["best"]} for r in ablation]},
+        cap=suite.cap,
     )
     print(f"wrote {os.path.join(root, 'd4rl_suite.json')} and {png}")
 

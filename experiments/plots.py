@@ -159,6 +159,48 @@ def return_vs_context(
     return _save(fig, path)
 
 
+def score_vs_context_panels(
+    panels: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    cap: int,
+) -> str:
+    """One panel per dataset: AT's last and best attempt (mean ± standard error over seeds, as
+    bands) against n, and DT as a horizontal band.
+
+    Args:
+      panels: dataset name -> {"last": rows, "best": rows, "dt": {"mean", "se"} or None}, rows
+        one per n with keys "n", "mean", "se".
+      path: PNG file to write.
+      cap: steps per episode the scores were measured on (for the titles).
+
+    Returns:
+      The written path.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (name, panel) in zip(axes[0], panels.items()):
+        for i, (key, label) in enumerate((("last", "AT, last attempt"), ("best", "AT, best of n"))):
+            rows = panel[key]
+            n = np.array([r["n"] for r in rows])
+            mean = np.array([r["mean"] for r in rows])
+            se = np.array([r["se"] for r in rows])
+            ax.plot(n, mean, marker="os"[i], color=f"C{i}", label=label)
+            ax.fill_between(n, mean - se, mean + se, color=f"C{i}", alpha=0.2)
+        if panel.get("dt") is not None:
+            dt = panel["dt"]
+            ax.axhline(dt["mean"], ls="--", c="C3", label="DT (K = 20)")
+            ax.axhspan(dt["mean"] - dt["se"], dt["mean"] + dt["se"], color="C3", alpha=0.12)
+        ticks = [int(r["n"]) for r in panel["last"]]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(v) for v in ticks])
+        ax.set_xlabel("trajectories in context (n)")
+        ax.set_ylabel("normalised score (mean ± s.e.)")
+        ax.set_title(f"{name}, first {cap} steps", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Plot the return per attempt of several `eval*.json` files together (LABEL=PATH each)."""
     import argparse

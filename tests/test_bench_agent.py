@@ -43,6 +43,8 @@ def test_suite_configs_are_the_suite_cells():
 
     (dt_name, dt_cfg), *ats = bench_agent.suite_configs((1, 8))
     base = d4rl_suite.get_config()
-    assert dt_cfg.to_dict() == d4rl_suite.cell(base, base.suite.ablation_set, "dt", 1, 0).to_dict()
+    assert (
+        dt_cfg.to_dict() == d4rl_suite.cell(base, base.suite.ablation_sets[0], "dt", 1, 0).to_dict()
+    )
     assert [c.data.num_trajectories for _, c in ats] == [1, 8]
     assert all(c.data.horizon == base.suite.cap and dict(c.mesh)["seq"] == -1 for _, c in ats)

@@ -57,7 +57,7 @@ def test_cells_share_schedule_and_data_per_step():
     with pytest.raises(ValueError, match="not a multiple of n=3"):
         d4rl_suite.cell(base, "hopper-medium-replay", "at", 3, 0)
     cells = runner.cells(s)
-    assert len(cells) == len(set(cells)) == 2 * 4 * 3 + 3 * 3 + 2 * 3
+    assert len(cells) == len(set(cells)) == 2 * 4 * 3 + 2 * 3 * 3
 
 
 def _tiny_set(path: str, rng: np.random.Generator, reward: float, episodes: int) -> None:
@@ -121,7 +121,8 @@ def test_suite_smoke_writes_table_json_and_plot(suite_run):
     # The table's AT score is the normalised mean of the run's episodes, recomputed here.
     best = np.max(runner.normalise(at["returns"], ref_cap), axis=1).mean()
     assert row["at_best_cap"]["values"][0] == pytest.approx(best)
-    assert [r["n"] for r in result["ablation"]] == [1, 2]
+    (rows,) = result["ablations"].values()
+    assert [r["n"] for r in rows] == [1, 2] and len(rows[1]["data_by_slot"]) == 2
     assert os.path.getsize(work / "score_vs_context.png") > 1000
     # A second run reuses every cell: nothing is trained ("== <cell>" is printed per training).
     again = _suite(data, work)
