@@ -26,7 +26,6 @@ from ringrl.experiments import cli
 from ringrl.experiments.cells import run_cell, stats
 
 DEFAULT_CONFIG = cli.packaged_config("d4rl_suite")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/d4rl", "folder of the per-cell runs")
 
 
 def cells(suite) -> list[tuple[str, str, int, int]]:
@@ -120,7 +119,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_process()
-    base, root = cli.flag_value(), _WORKDIR.value
+    base, root = cli.flag_value(), flags.FLAGS.workdir
     suite = base.suite
     evals, caps = {}, {}
     for key in cells(suite):
@@ -243,6 +242,8 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (ringrl-d4rl)."""
+    # Defined here, not at import: tests import this module beside ringrl-train's own --workdir.
+    flags.DEFINE_string("workdir", "runs/d4rl", "folder of the per-cell runs")
     cli.run(main, default=DEFAULT_CONFIG)
 
 
