@@ -66,9 +66,9 @@ def cell(
         per_step = s.trajectories_per_step // n
         # DT's backbone and regularisation (at_d4rl.py keeps its own otherwise).
         dt_model = dt_d4rl.get_config(smoke[1:]).model
-        for key in ("embed_dim", "num_layers", "num_heads", "mlp_ratio", "dropout"):
+        for key in ("embed_dim", "num_layers", "num_heads", "mlp_ratio", "dropout", "embed_norm"):
             out.model[key] = dt_model[key]
-        for key in ("embed_norm", "activation", "return_scale"):
+        for key in ("activation", "return_scale"):
             out.model[key] = dt_model[key]
         out.model.reward_scale = s.reward_scale
         out.model.remat = "none"  # contexts of at most 8 x cap tokens fit without it

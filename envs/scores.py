@@ -132,6 +132,11 @@ def normalized_score(
     Returns:
         float for a scalar input, else a float64 array of the input's shape.
     """
-    lo, hi = reference_scores(name_or_data)
+    return normalize(returns, reference_scores(name_or_data))
+
+
+def normalize(returns: float | np.ndarray, ref: tuple[float, float]) -> float | np.ndarray:
+    """``100 * (R - ref[0]) / (ref[1] - ref[0])``: float for a scalar, else float64 array."""
+    lo, hi = ref
     out = 100.0 * (np.asarray(returns, np.float64) - lo) / (hi - lo)
     return float(out) if out.ndim == 0 else out

@@ -22,7 +22,7 @@ from absl import app, flags
 from ringrl.configs import ablation_context
 from ringrl.envs.evaluate import after_success
 from ringrl.experiments import cli
-from ringrl.experiments.cells import run_cell, stats
+from ringrl.experiments.cells import run_cell, slot_returns, stats
 
 DEFAULT_CONFIG = cli.packaged_config("ablation_context")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "folder of the per-cell runs")
@@ -49,8 +49,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_process()  # joins other processes (ringrl-launch or a cluster) first
-    from ringrl.agents.agent import make_sampler
-    from ringrl.envs.sources import load_data
     from ringrl.experiments import plots
 
     base, root = cli.flag_value(), _WORKDIR.value
@@ -79,15 +77,7 @@ def main(argv: list[str]) -> None:
         """Over 1024 sampled contexts of the training goals: the mean best of the n draws and
         the mean return of the trajectory in each slot (ascending: slot k holds the k-th worst of
         the n draws)."""
-        config = ablation_context.cell(base, n, 0)
-        trajectories = load_data(config, verbose=False).trajectories
-        batch = make_sampler(config, trajectories, seed=0).sample(1024)
-        per_context = np.stack(
-            [
-                (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1)
-                for k in range(n)
-            ]
-        )  # [n, contexts]
+        per_context = slot_returns(ablation_context.cell(base, n, 0))  # [n, contexts]
         # The best of the n (the relabelled target with data.target="best"; computed from the
         # returns, since the default target token is 0).
         best = float(per_context.max(axis=0).mean())

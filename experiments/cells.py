@@ -47,3 +47,19 @@ def stats(results: list, key) -> dict:
         "se": se,  # standard error over seeds
         "values": values,
     }
+
+
+def slot_returns(config, contexts: int = 1024) -> np.ndarray:
+    """[n, contexts] return of the trajectory in each slot of `contexts` training contexts
+    sampled as `config`'s AT sampler does (slot k holds the k-th worst of the n draws)."""
+    from ringrl.agents.agent import make_sampler
+    from ringrl.envs.sources import load_data
+
+    trajectories = load_data(config, verbose=False).trajectories
+    batch = make_sampler(config, trajectories, seed=0).sample(contexts)
+    return np.stack(
+        [
+            (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1)
+            for k in range(config.data.num_trajectories)
+        ]
+    )

@@ -15,15 +15,17 @@ reused; a cell trained with other settings is refused), then:
 - d4rl_suite.json and score_vs_context.png (one panel per ablation set) in <workdir>.
 """
 
+import functools
 import json
 import os
 
 import numpy as np
 from absl import app, flags
 
-from ringrl.configs import d4rl_suite
+from ringrl.configs import d4rl_suite, dt_d4rl
+from ringrl.envs.scores import normalize, reference_scores
 from ringrl.experiments import cli
-from ringrl.experiments.cells import run_cell, stats
+from ringrl.experiments.cells import run_cell, slot_returns, stats
 
 DEFAULT_CONFIG = cli.packaged_config("d4rl_suite")
 
@@ -45,27 +47,31 @@ def cells(suite) -> list[tuple[str, str, int, int]]:
 
 
 def family_of(name: str) -> str:
-    """ "hopper-medium-replay" -> "hopper"."""
-    return name.split("-")[0]
+    """ "hopper-medium-replay" -> "hopper" (configs/dt_d4rl.py's task family)."""
+    return dt_d4rl.task_family("", name)
 
 
+@functools.cache
 def references(folder: str, family: str, cap: int | None = None) -> tuple[float, float]:
-    """(random, expert): the mean episode return of the family's random and expert sets, over
-    whole episodes (None; the files' own ref_min/ref_max) or over each episode's first `cap`
-    steps."""
+    """(random, expert) reference returns of a family: over whole episodes (cap None) the files'
+    own ref_min_score / ref_max_score; over each episode's first `cap` steps, the mean return of
+    the family's random and expert sets cut there (loaded once per call arguments)."""
     from ringrl.envs.datasets import load_d4rl
 
-    out = []
-    for level in ("random", "expert"):
-        data = load_d4rl(d4rl_suite.data_path(folder, f"{family}-{level}"))
-        out.append(float((data.returns if cap is None else data.returns_within(cap)).mean()))
+    if cap is None:
+        return reference_scores(d4rl_suite.data_path(folder, f"{family}-random"))
+    out = [
+        float(
+            load_d4rl(d4rl_suite.data_path(folder, f"{family}-{level}")).returns_within(cap).mean()
+        )
+        for level in ("random", "expert")
+    ]
     return out[0], out[1]
 
 
 def normalise(returns, ref: tuple[float, float]) -> np.ndarray:
-    """100 * (R - random) / (expert - random)."""
-    lo, hi = ref
-    return 100.0 * (np.asarray(returns, np.float64) - lo) / (hi - lo)
+    """100 * (R - random) / (expert - random), as a float64 array."""
+    return np.asarray(normalize(np.asarray(returns, np.float64), ref))
 
 
 def data_scores(folder: str, name: str, cap: int) -> dict[str, float]:
@@ -90,16 +96,7 @@ def data_scores(folder: str, name: str, cap: int) -> dict[str, float]:
 def data_by_slot(config, ref: tuple[float, float], contexts: int = 1024) -> list[float]:
     """Normalised mean return of the trajectory in each slot of an AT cell's training contexts
     (slot k holds the k-th worst of the n draws, cut at the cap): what attempt k imitates."""
-    from ringrl.agents.agent import make_sampler
-    from ringrl.envs.sources import load_data
-
-    trajectories = load_data(config, verbose=False).trajectories
-    batch = make_sampler(config, trajectories, seed=0).sample(contexts)
-    n = config.data.num_trajectories
-    per_slot = [
-        (batch["rewards"] * (batch["traj_index"] == k) * batch["mask"]).sum(1).mean()
-        for k in range(n)
-    ]
+    per_slot = slot_returns(config, contexts).mean(axis=1)
     return [float(v) for v in normalise(per_slot, ref)]
 
 
