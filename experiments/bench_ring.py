@@ -16,8 +16,9 @@ rows alike and the ratios measured in one run stay fair. The load average is pri
 
 Useful FLOPs (FlashAttention-2 convention): 2 matmuls forward and 5 backward (QK^T recomputed,
 dV, dP, dQ, dK), each 2 B H D FLOPs per visible (query, key) pair; masked or skipped pairs do not
-count. The peak is measured here: the best of a [2048, 2048] f32 matmul on one device and one per
-device on all 8 at once.
+count. The peak is measured here, once per timed round (interleaved with the rows, so a machine
+whose speed drifts is compared with itself): the best of a [2048, 2048] f32 matmul on one device
+and one per device on all 8 at once; a row's % of peak uses the median of its T's round peaks.
 
 Rows: dense (`jax.nn.dot_product_attention` on one device; run only when it fits in
 --dense-limit-gb), ours contiguous / striped / zigzag, ours sliding window (w=1024, zigzag), and
@@ -220,8 +221,8 @@ def main(argv=None) -> None:
         f"jax {jax.__version__}, {N_DEV} virtual CPU devices on {os.cpu_count()} cores, "
         f"repeats={args.repeats}"
     )
-    peak = matmul_peak(mesh)
-    log(f"matmul peak {peak / 1e9:.1f} GFLOP/s f32")
+    log(f"matmul peak {matmul_peak(mesh) / 1e9:.1f} GFLOP/s f32 (before the rounds)")
+    peaks = []  # one per timed round
 
     def ours(layout, window=None, block=args.block):
         def f(q, k, v):
@@ -314,13 +315,20 @@ def main(argv=None) -> None:
                         float(np.max(np.abs(np.asarray(g) - r))) for g, r in zip(grads, ref_grads)
                     )
         rounds = args.repeats if t < 65536 else 1
+        round_peaks = []
         for r in range(rounds):
             loads.append(os.getloadavg()[0])
+            round_peaks.append(matmul_peak(mesh, repeats=2))
             for row, c_fwd, c_bwd, inputs, _ in runnable:
                 row["fwd"].append(seconds(c_fwd, inputs[:3])[0])
                 if train:
                     row["bwd"].append(seconds(c_bwd, inputs)[0])
-            log(f"T={t}: round {r + 1}/{rounds} done (load {loads[-1]:.1f})")
+            log(
+                f"T={t}: round {r + 1}/{rounds} done (load {loads[-1]:.1f}, matmul peak "
+                f"{round_peaks[-1] / 1e9:.0f} GFLOP/s)"
+            )
+        peaks += round_peaks
+        peak = statistics.median(round_peaks)
         for row, *_ in runnable:
             row["fwd_s"] = statistics.median(row["fwd"])
             row["runs"] = len(row["fwd"])
@@ -349,20 +357,21 @@ def main(argv=None) -> None:
                 )
             )
 
-    print_table(rows, train_ts, args, peak, loads)
+    print_table(rows, train_ts, args, peaks, loads)
 
 
 def fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
-def print_table(rows, train_ts, args, peak: float, loads: list[float]) -> None:
+def print_table(rows, train_ts, args, peaks: list[float], loads: list[float]) -> None:
     print()
     print(
         f"Ring attention, {N_DEV} virtual CPU devices (share {os.cpu_count()} cores), causal, "
         f"B={B} H={H} D={D} float32; median of `runs` interleaved rounds; temp = per-device "
-        f"temporary memory from compile().memory_analysis(); matmul peak {peak / 1e9:.0f} "
-        f"GFLOP/s f32 (measured); 1-min load average during the rounds "
+        f"temporary memory from compile().memory_analysis(); matmul peak measured each round "
+        f"{min(peaks, default=0) / 1e9:.0f}-{max(peaks, default=0) / 1e9:.0f} GFLOP/s f32 (median "
+        f"{statistics.median(peaks or [0]) / 1e9:.0f}); 1-min load average during the rounds "
         f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}"
     )
     print()

@@ -1,11 +1,15 @@
 """Sharded KV-cache decoding: the cache lives on the ring exactly like the sequence does.
 
-A cache holds keys and values `[B, T_max, H, D]` (global shape) in *layout order*: the global array
-is what `ring.layout.to_layout` would produce from the original sequence, so that sharding it
+A cache holds keys `[B, H, D, T_max]` and values `[B, H, T_max, D]` (global shapes, head-major) in
+*layout order*: along T_max each is what `ring.layout.to_layout` would produce from the original
+sequence, so that sharding it
 contiguously over the `SEQ` axis puts every position on the device that owns it in the ring's
 layout (`ring.layout.position_owner`: "contiguous", "striped" with `stripe=s`, or "zigzag").
-Arrays are sharded `P(DATA, SEQ)`; per-batch `lengths [B]` int32 (and
-optional segment ids `[B, T_max]`) travel with them.
+Keys are sharded `P(DATA, None, None, SEQ)`, values `P(DATA, None, SEQ)`, optional segment ids
+`[B, T_max]` `P(DATA, SEQ)`; per-batch `lengths [B]` int32 travel with them. These are the layouts
+the two per-step products read as plain row-major matrix products ([Tq, D] x [D, Tl] for the scores,
+[Tq, Tl] x [Tl, D] for the output), so a step streams the cache once and never transposes it; only
+the Tq new tokens are moved (measured in README "Acting").
 
 Per step (inside `jax.shard_map` over `SEQ`):
   1. `append(cache, k, v)` writes the Tq new keys/values at absolute positions
@@ -52,8 +56,9 @@ class KVCache:
     """A KV cache laid out like the sequence on the ring.
 
     Attributes:
-      k: [B, T_max, H, D] keys in layout order (global); inside shard_map the local [B, Tl, H, D].
-      v: [B, T_max, H, D] values, same layout.
+      k: [B, H, D, T_max] keys in layout order along T_max (global); inside shard_map the local
+        [B, H, D, Tl].
+      v: [B, H, T_max, D] values, same layout order (local [B, H, Tl, D]).
       lengths: [B] int32, number of valid positions per batch element (positions 0..length-1).
       segment_ids: [B, T_max] int32 in layout order, or None when the cache has no segments.
       layout: one of `ring.layout.LAYOUTS` (static).
@@ -73,23 +78,22 @@ class KVCache:
     @property
     def max_len(self) -> int:
         """Capacity of the array as seen here (global outside shard_map, local inside)."""
-        return int(self.k.shape[1])
+        return int(self.v.shape[2])
 
 
 def cache_specs(cache: KVCache, mesh: jax.sharding.Mesh | None = None) -> KVCache:
     """PartitionSpecs for `cache` (a KVCache of specs), for shard_map in_specs/out_specs.
 
-    Keys/values/segment ids are `P(DATA, SEQ)`, lengths `P(DATA)`; DATA is dropped when `mesh` is
-    given and has no DATA axis.
+    Keys are `P(DATA, None, None, SEQ)`, values `P(DATA, None, SEQ)`, segment ids `P(DATA, SEQ)`,
+    lengths `P(DATA)`; DATA is dropped when `mesh` is given and has no DATA axis.
     """
     data = DATA if mesh is None or DATA in mesh.axis_names else None
-    kv = P(data, SEQ)
     return dataclasses.replace(
         cache,
-        k=kv,
-        v=kv,
+        k=P(data, None, None, SEQ),
+        v=P(data, None, SEQ),
         lengths=P(data),
-        segment_ids=None if cache.segment_ids is None else kv,
+        segment_ids=None if cache.segment_ids is None else P(data, SEQ),
     )
 
 
@@ -154,8 +158,8 @@ def init_cache(
 
     def zeros() -> KVCache:
         return KVCache(
-            k=jnp.zeros((batch, max_len, num_heads, head_dim), dtype),
-            v=jnp.zeros((batch, max_len, num_heads, head_dim), dtype),
+            k=jnp.zeros((batch, num_heads, head_dim, max_len), dtype),
+            v=jnp.zeros((batch, num_heads, max_len, head_dim), dtype),
             lengths=jnp.zeros((batch,), jnp.int32),
             segment_ids=jnp.zeros((batch, max_len), jnp.int32) if with_segment_ids else None,
             layout=layout,
@@ -221,9 +225,9 @@ def cache_from_prefix(
     n = 1 if mesh is None else int(mesh.shape[SEQ])
 
     def build(k, v, lengths, segment_ids):
-        return KVCache(
-            k=to_layout(k, n, layout, stripe),
-            v=to_layout(v, n, layout, stripe),
+        return KVCache(  # [B, T, H, D] original order -> [B, H, D, T] / [B, H, T, D] layout order
+            k=jnp.transpose(to_layout(k, n, layout, stripe), (0, 2, 3, 1)),
+            v=jnp.swapaxes(to_layout(v, n, layout, stripe), 1, 2),
             lengths=jnp.asarray(lengths, jnp.int32),
             segment_ids=None
             if segment_ids is None
@@ -269,7 +273,7 @@ def append(
     dropped, so the work is O(Tq), not O(T_max).
 
     Args:
-      cache: local view of the cache (k/v [B, Tl, H, D], lengths [B]).
+      cache: local view of the cache (k [B, H, D, Tl], v [B, H, Tl, D], lengths [B]).
       k: [B, Tq, H, D] new keys (same values on every device of the axis).
       v: [B, Tq, H, D] new values.
       segment_ids: [B, Tq] int segment ids of the new tokens; required iff the cache stores them.
@@ -287,7 +291,7 @@ def append(
       printed, lengths still advance and `decode_step` returns NaN for that batch element.
     """
     n, idx = _axis(axis_name, "append")
-    b, t_local, h, d = cache.k.shape
+    b, h, t_local, d = cache.v.shape
     _check_new(cache, k, "k")
     _check_new(cache, v, "v")
     tq = k.shape[1]
@@ -313,8 +317,9 @@ def append(
     # Positions owned elsewhere (or past the end) get an out-of-range slot and are dropped.
     slot = jnp.where((owner == idx) & (pos < t_max), slot, t_local)
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, tq))
-    new_k = cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop")
-    new_v = cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop")
+    # Advanced indices split by slices: the indexed shape is [B, Tq, H, D], the new tokens' own.
+    new_k = cache.k.at[rows, :, :, slot].set(k.astype(cache.k.dtype), mode="drop")
+    new_v = cache.v.at[rows, :, slot].set(v.astype(cache.v.dtype), mode="drop")
     new_seg = cache.segment_ids
     if segment_ids is not None:
         new_seg = cache.segment_ids.at[rows, slot].set(
@@ -363,7 +368,7 @@ def decode_step(
       ValueError: shape mismatches, window < 1, block_kv not dividing Tl, or axis not bound.
     """
     n, idx = _axis(axis_name, "decode_step")
-    b, t_local, h, d = cache.k.shape
+    b, h, t_local, d = cache.v.shape
     _check_new(cache, q, "q")
     tq = q.shape[1]
     if window is not None and window < 1:
@@ -400,22 +405,22 @@ def decode_step(
     if start is not None:
         # Hidden slots get a position after every query (the causal test drops them).
         k_pos = jnp.where(k_pos < start.astype(jnp.int32)[:, None], jnp.iinfo(jnp.int32).max, k_pos)
-    qf = q.astype(jnp.float32) * (1.0 / np.sqrt(d))
+    qf = jnp.swapaxes(q.astype(jnp.float32) * (1.0 / np.sqrt(d)), 1, 2)  # [B, H, Tq, D]
 
     def partial_softmax(kc, vc, kp, segc):
-        # kc, vc: [B, C, H, D]; kp: [B, C]; segc: [B, C] or None -> (o [B,Tq,H,D], lse [B,Tq,H]).
+        # kc [B,H,D,C], vc [B,H,C,D]; kp, segc [B,C] (segc or None) -> o [B,H,Tq,D], lse [B,H,Tq]
         visible = kp[:, None, :] <= q_pos[:, :, None]  # [B, Tq, C]; also excludes empty slots
         if window is not None:
             visible &= kp[:, None, :] > q_pos[:, :, None] - window
         if segc is not None:
             visible &= segment_ids[:, :, None] == segc[:, None, :]
-        s = jnp.einsum("bqhd,bkhd->bqhk", qf, kc.astype(jnp.float32))
-        s = jnp.where(visible[:, :, None, :], s, NEG_INF)
+        s = jnp.einsum("bhqd,bhdk->bhqk", qf, kc.astype(jnp.float32))
+        s = jnp.where(visible[:, None], s, NEG_INF)
         m = jnp.max(s, axis=-1)
         m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
         p = jnp.exp(s - m_safe[..., None])  # exp(-inf) = 0 for hidden slots
         denom = jnp.sum(p, axis=-1)
-        o = jnp.einsum("bqhk,bkhd->bqhd", p, vc.astype(jnp.float32))
+        o = jnp.einsum("bhqk,bhkd->bhqd", p, vc.astype(jnp.float32))
         o = o / jnp.where(denom > 0, denom, 1.0)[..., None]
         lse = jnp.where(denom > 0, m_safe + jnp.log(jnp.where(denom > 0, denom, 1.0)), NEG_INF)
         return o, lse
@@ -425,8 +430,9 @@ def decode_step(
     else:
         nb = t_local // block
 
-        def chunks(x):  # [B, Tl, ...] -> [nb, B, block, ...]
-            return jnp.moveaxis(x.reshape(x.shape[0], nb, block, *x.shape[2:]), 1, 0)
+        def chunks(x, axis=1):  # [..., Tl (at axis), ...] -> [nb, ..., block, ...]
+            split = x.reshape(*x.shape[:axis], nb, block, *x.shape[axis + 1 :])
+            return jnp.moveaxis(split, axis, 0)
 
         seg = None if cache.segment_ids is None else chunks(cache.segment_ids)
 
@@ -435,11 +441,12 @@ def decode_step(
             o_c, lse_c = partial_softmax(kc, vc, kp, segc)
             return merge(*carry, o_c, lse_c), None
 
-        xs = (chunks(cache.k), chunks(cache.v), chunks(k_pos), seg)
+        xs = (chunks(cache.k, 3), chunks(cache.v, 2), chunks(k_pos), seg)
         # The first chunk seeds the carry, so it has the shard_map (varying) type of the rest.
         first = partial_softmax(*jax.tree.map(lambda x: x[0], xs))
         (o, lse), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], xs))
     out, _ = merge_over_axis(o, lse, axis_name)
+    out = jnp.swapaxes(out, 1, 2)  # [B, Tq, H, D]
     # After an overflow (see `append`) the newest keys were dropped: never return a quiet answer.
     overflowed = (cache.lengths > t_local * n) & (not cache.rolling)
     out = jnp.where(overflowed[:, None, None, None], jnp.nan, out)
@@ -458,11 +465,11 @@ def _axis(axis_name: str, where: str) -> tuple[int, jax.Array]:
 
 
 def _check_new(cache: KVCache, x: jax.Array, name: str) -> None:
-    b, _, h, d = cache.k.shape
+    b, h, _, d = cache.v.shape
     if x.ndim != 4 or x.shape[0] != b or x.shape[2:] != (h, d) or x.shape[1] < 1:
         raise ValueError(
             f"{name} has shape {tuple(x.shape)}, expected [B, Tq, H, D] = [{b}, Tq>=1, {h}, {d}] "
-            f"to match the cache (local k shape {tuple(cache.k.shape)})"
+            f"to match the cache (local value shape [B, H, Tl, D] = {tuple(cache.v.shape)})"
         )
     if cache.lengths.shape != (b,):
         raise ValueError(f"cache.lengths shape {cache.lengths.shape} != (B,) = {(b,)}")

@@ -87,7 +87,9 @@ def test_decode_matches_dense_causal(n, layout, stripe, window, chunk):
     # The cache holds the keys in the layout order of the ring (device d owns its positions).
     tl = T // n
     pos = np.concatenate([local_positions(d, n, tl, layout, stripe, xp=np) for d in range(n)])
-    np.testing.assert_array_equal(cache.k, np.asarray(k)[:, pos])
+    # Head-major: keys [B, H, D, T], values [B, H, T, D].
+    np.testing.assert_array_equal(cache.k, np.asarray(k)[:, pos].transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(cache.v, np.asarray(v)[:, pos].swapaxes(1, 2))
 
 
 def test_decode_different_lengths_per_batch_element():
