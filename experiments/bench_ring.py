@@ -21,7 +21,9 @@ whose speed drifts is compared with itself): the best of a [2048, 2048] f32 matm
 and one per device on all 8 at once; a row's % of peak uses the median of its T's round peaks.
 
 Rows: dense (`jax.nn.dot_product_attention` on one device; run only when it fits in
---dense-limit-gb), ours contiguous / striped / zigzag, ours sliding window (w=1024, zigzag), and
+--dense-limit-gb), ours contiguous / striped / zigzag at `--block`, ours zigzag again at each of
+`--extra-blocks` (default 128: the default `head_block` then takes all 4 heads per ring pass, which
+costs fewer per-hop overheads at short shards), ours sliding window (w=1024, zigzag), and
 the authors' package (`pip install -e '.[bench]'`) at chunk 256 and 512. A compile-only row gives
 per-device memory at T = 1,048,576. The last lines give the planner's work model per layout
 (total and critical path in full block pairs) and ours/authors time ratios (vs the authors'
@@ -197,6 +199,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds")
     parser.add_argument("--block", type=int, default=256, help="our block_q = block_kv")
     parser.add_argument(
+        "--extra-blocks",
+        default="128",
+        help="comma-separated further blocks for an extra 'ours zigzag' row each ('' for none)",
+    )
+    parser.add_argument(
         "--dense-limit-gb", type=float, default=4.0, help="run dense only if its temp fits"
     )
     parser.add_argument("--no-authors", action="store_true", help="skip the authors' package")
@@ -274,6 +281,10 @@ def main(argv=None) -> None:
             for lay in ("contiguous", "striped", "zigzag")
         ]
         window_row = f"ours zigzag window={WINDOW}"
+        for extra in (int(b) for b in args.extra_blocks.split(",") if b.strip()):
+            if extra != block and (tl // 2) % extra == 0:
+                name = f"ours zigzag (chunk {extra})"
+                cases += [(name, ours("zigzag", block=extra), None, extra, "zigzag")]
         cases += [(window_row, ours("zigzag", WINDOW, block), WINDOW, block, "zigzag")]
         cases += [(f"authors chunk={c}", theirs(c), None, c, "contiguous") for c in author_chunks]
 
