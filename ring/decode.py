@@ -9,7 +9,7 @@ Keys are sharded `P(DATA, None, None, SEQ)`, values `P(DATA, None, SEQ)`, option
 `[B, T_max]` `P(DATA, SEQ)`; per-batch `lengths [B]` int32 travel with them. These are the layouts
 the two per-step products read as plain row-major matrix products ([Tq, D] x [D, Tl] for the scores,
 [Tq, Tl] x [Tl, D] for the output), so a step streams the cache once and never transposes it; only
-the Tq new tokens are moved (measured in README "Acting").
+the Tq new tokens are moved (README "Benchmarks": cached acting).
 
 Per step (inside `jax.shard_map` over `SEQ`):
   1. `append(cache, k, v)` writes the Tq new keys/values at absolute positions

@@ -257,3 +257,20 @@ def test_decode_merges_with_one_collective():
     hlo = f.lower(cache, q[:, :1], k[:, :1], v[:, :1], None).compile().as_text()
     ops = re.findall(r" (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(", hlo)
     assert ops == ["all-gather"], ops
+
+
+def test_decode_step_streams_the_cache_without_copying_it():
+    """The cache is stored in the layouts the score and value products read (K [B, H, D, T], V
+    [B, H, T, D]), so a compiled step needs no per-step transposed copy of it: its temporary
+    memory stays far below the size of the local keys and values."""
+    n, t_max = 4, 2048
+    mesh = _mesh(n)
+    cache = decode.init_cache(B, t_max, H, D, mesh=mesh, with_segment_ids=True, rolling=True)
+    assert cache.k.shape == (B, H, D, t_max) and cache.v.shape == (B, H, t_max, D)
+    f, _ = _stepper(mesh, cache, with_seg=True)
+    q, k, v = _qkv(seed=6)
+    seg = jnp.ones((B, 1), jnp.int32)
+    compiled = f.lower(cache, q[:, :1], k[:, :1], v[:, :1], seg).compile()
+    local_kv = 2 * B * H * (t_max // n) * D * 4
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < local_kv / 4, (temp, local_kv)
