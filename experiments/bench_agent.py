@@ -275,14 +275,21 @@ def d4rl_configs(
     return [("dt_d4rl", dt_cfg), (f"at_d4rl n={n}", at_cfg)]
 
 
-def suite_configs(ns: tuple[int, ...]) -> list:
-    """(name, config) of configs/d4rl_suite.py's DT cell and its AT cells at each n."""
+def suite_configs(ns: tuple[int, ...], mesh: tuple[int, int] | None = None) -> list:
+    """(name, config) of configs/d4rl_suite.py's DT cell and its AT cells at each n, the AT cells
+    on `mesh` = (data, seq) devices if given (DT keeps its own data-parallel mesh)."""
     from ringrl.configs import d4rl_suite  # noqa: PLC0415 (configs only for --d4rl_suite)
 
     base = d4rl_suite.get_config()
     name = base.suite.ablation_sets[0]
     out = [("suite dt", d4rl_suite.cell(base, name, "dt", 1, 0))]
-    return out + [(f"suite at n={n}", d4rl_suite.cell(base, name, "at", n, 0)) for n in ns]
+    for n in ns:
+        cfg = d4rl_suite.cell(base, name, "at", n, 0)
+        if mesh is not None:
+            with cfg.unlocked():
+                cfg.mesh = ((DATA, mesh[0]), (SEQ, mesh[1]))
+        out.append((f"suite at n={n}", cfg))
+    return out
 
 
 def bench_d4rl(name: str, cfg: ml_collections.ConfigDict, steps: int) -> dict:
@@ -359,7 +366,8 @@ def main() -> None:
     parser.add_argument("--d4rl_batch", type=int, help="AT contexts per step (default: config)")
     parser.add_argument("--d4rl_horizon", type=int, help="AT steps per trajectory (default 1000)")
     parser.add_argument("--d4rl_steps", type=int, default=3, help="timed steps per variant")
-    parser.add_argument("--d4rl_mesh", help="data,seq devices for both configs (default: theirs)")
+    parser.add_argument("--d4rl_mesh", help="data,seq devices for both configs (with "
+                        "--d4rl_suite: the AT cells only; default: theirs)")  # fmt: skip
     parser.add_argument("--d4rl_suite", action="store_true",
                         help="(c) on configs/d4rl_suite.py's DT and AT cells")  # fmt: skip
     parser.add_argument("--d4rl_ns", default="1,8", help="AT ns with --d4rl_suite")
@@ -374,7 +382,7 @@ def main() -> None:
               f"{'host ms':>8} {'host/step':>9}")  # fmt: skip
         mesh = tuple(int(x) for x in args.d4rl_mesh.split(",")) if args.d4rl_mesh else None
         if args.d4rl_suite:
-            configs = suite_configs(tuple(int(n) for n in args.d4rl_ns.split(",")))
+            configs = suite_configs(tuple(int(n) for n in args.d4rl_ns.split(",")), mesh)
         else:
             configs = d4rl_configs(args.d4rl_n, args.d4rl_batch, args.d4rl_horizon, mesh)
         for name, cfg in configs:

@@ -221,6 +221,9 @@ def main(argv: list[str]) -> None:
     with open(tmp, "w") as f:
         json.dump({"table": table, "ablations": ablations, "suite": suite.to_dict()}, f, indent=1)
     os.replace(tmp, os.path.join(root, "d4rl_suite.json"))
+    if not ablations:  # e.g. only DT sets (--config.suite.ablation_sets='()'): nothing to plot
+        print(f"wrote {os.path.join(root, 'd4rl_suite.json')} (no ablation sets: no plot)")
+        return
     dt_rows = {r["set"]: r for r in table}
     png = plots.score_vs_context_panels(
         {

@@ -75,7 +75,7 @@ def _tiny_set(path: str, rng: np.random.Generator, reward: float, episodes: int)
     ).save(path)
 
 
-def _suite(data, work):
+def _suite(data, work, *overrides):
     """ringrl-d4rl's smoke suite on the tiny sets in `data`, in a subprocess (absl flags)."""
     return subprocess.run(
         [
@@ -84,6 +84,7 @@ def _suite(data, work):
             "ringrl.experiments.d4rl_suite",
             f"--config=configs/d4rl_suite.py:smoke,data={data}",
             f"--workdir={work}",
+            *overrides,
         ],
         capture_output=True,
         text=True,
@@ -127,3 +128,21 @@ def test_suite_smoke_writes_table_json_and_plot(suite_run):
     # A second run reuses every cell: nothing is trained ("== <cell>" is printed per training).
     again = _suite(data, work)
     assert again.returncode == 0 and "== " not in again.stdout
+
+
+def test_suite_with_dt_sets_only_writes_the_table_without_a_plot(suite_run):
+    """DT on extra sets alone (no AT sets, no ablation): the table and json, no plot, exit 0."""
+    data, work, proc = suite_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    only_dt = _suite(
+        data,
+        work,
+        "--config.suite.sets=()",
+        "--config.suite.ablation_sets=()",
+        "--config.suite.dt_sets=('hopper-medium-replay',)",
+    )
+    assert only_dt.returncode == 0, only_dt.stderr[-2000:]
+    assert "== " not in only_dt.stdout  # the smoke run's DT cell is reused
+    assert "| hopper-medium-replay |" in only_dt.stdout and "no plot" in only_dt.stdout
+    (row,) = json.load(open(work / "d4rl_suite.json"))["table"]
+    assert row["set"] == "hopper-medium-replay" and "at_best_cap" not in row
