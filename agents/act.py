@@ -61,7 +61,8 @@ class ActorState:
     """Per-environment context of an Actor (all arrays sharded over DATA; caches also over SEQ).
 
     Attributes:
-      caches: one ring.decode.KVCache per layer, [B, T_max, H, D] with segment ids.
+      caches: one ring.decode.KVCache per layer (keys [B, H, D, T_max], values [B, H, T_max, D],
+        segment ids).
       attempt: [B] int32, current attempt (trajectory index of the next step).
       t: [B] int32, step within the current attempt.
       prev_action: [B] int32 or [B, A] float32, action of the last step.
