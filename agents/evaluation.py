@@ -153,6 +153,8 @@ def evaluate_agent(
         result["steps_per_second"] = float(np.mean([r["steps_per_second"] for r in results]))
     if reference is not None:
         result["reference_random"], result["reference_optimal"] = reference
+    result["seed"] = int(seed)  # environment seeds seed .. seed + num_envs - 1
+    result["target_returns"] = [float(t) for t in groups]  # one per group of goals
     # Episodes the context holds (AT/AD: n); fewer than the attempts means AD's rolling context.
     result["context_episodes"] = None if config.data.mode == "dt" else config.data.num_trajectories
     return result

@@ -42,6 +42,14 @@ def data_path(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{name}-ringrl-v0.hdf5"
 
 
+def eval_target(suite, name: str, agent: str, target: str) -> float:
+    """The evaluation target return of `agent` on set `name` for `target` ("high", "low" or a
+    number): the paper's value for the task (configs/dt_d4rl.py) for DT's whole episodes, scaled
+    to the cap (target * cap / 1000) for AT's episodes of `suite.cap` steps."""
+    value = dt_d4rl.target_return("", data_path(suite.data, name), target)
+    return value if agent == "dt" else value * suite.cap / 1000.0
+
+
 def cell(
     config: ml_collections.ConfigDict, name: str, agent: str, n: int, seed: int
 ) -> ml_collections.ConfigDict:
@@ -76,7 +84,7 @@ def cell(
         out.mesh = (("data", 1), ("seq", -1))  # the ring spans every device
         out.data.horizon = s.cap  # slots of `cap` steps (longer episodes cut there)
         out.eval.max_steps = s.cap  # ... so evaluation episodes end there too
-        out.eval.target_return = out.eval.target_return * s.cap / 1000.0
+        out.eval.target_return = eval_target(s, name, "at", s.target)
     out.seed = seed
     out.batch_size = per_step
     out.num_steps = s.steps
@@ -121,6 +129,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lr=6e-4,  # peak AdamW learning rate of every cell
         reward_scale=0.3,  # AT's reward input scale (MuJoCo rewards are ~1-5 per step)
         target="high",  # the paper's target return per task ("high", "low" or a number)
+        # Candidate targets, e.g. ("high", "low"): each cell is evaluated at every one on
+        # validation episodes (env seeds = the test seed + valid_seed), and each (set, agent, n)
+        # is reported on the test episodes at the candidate whose validation mean over seeds is
+        # best. () = `target` only, no validation episodes.
+        targets=(),
+        valid_seed=500,
         episodes=10,  # evaluation episodes (environments) per cell
         smoke=False,  # tiny models and data sizes (tests)
     )

@@ -13,6 +13,10 @@ reused; a cell trained with other settings is refused), then:
 - the n-ablation on each of `suite.ablation_sets`: AT's first, last and best attempt at the cap
   against n, and its return per attempt against the data's slot k;
 - d4rl_suite.json and score_vs_context.png (one panel per ablation set) in <workdir>.
+
+With `--config.suite.targets="('high','low')"` the evaluation target of each (set, agent, n) is
+chosen on validation episodes (other environment seeds) among the candidates, and the tables
+report the test episodes at the chosen one (`select_targets`).
 """
 
 import functools
@@ -100,16 +104,85 @@ def data_by_slot(config, ref: tuple[float, float], contexts: int = 1024) -> list
     return [float(v) for v in normalise(per_slot, ref)]
 
 
-def cap_eval(workdir: str, cap: int) -> dict:
-    """A DT run evaluated again on episodes cut at `cap` steps (eval_cap.json, reused)."""
+def eval_file(workdir: str, tag: str, **overrides) -> dict:
+    """A cell's checkpoint evaluated again with config.eval `overrides` (max_steps, target_return,
+    seed), written once as <workdir>/eval_<tag>.json and reused."""
     from ringrl.agents.evaluation import evaluate_checkpoint, write_eval
 
-    path = os.path.join(workdir, "eval_cap.json")
+    path = os.path.join(workdir, f"eval_{tag}.json")
     if not os.path.exists(path):
-        _, result = evaluate_checkpoint(workdir, max_steps=cap)
-        write_eval(workdir, result, "eval_cap.json")
+        _, result = evaluate_checkpoint(workdir, **overrides)
+        write_eval(workdir, result, f"eval_{tag}.json")
     with open(path) as f:
         return json.load(f)
+
+
+def cap_eval(workdir: str, cap: int) -> dict:
+    """A DT run evaluated again on episodes cut at `cap` steps (eval_cap.json, reused)."""
+    return eval_file(workdir, "cap", max_steps=cap)
+
+
+def run_score(result: dict, ref: tuple[float, float], which: str = "last") -> float:
+    """One run's mean over its episodes of the normalised last (or best) attempt."""
+    norm = normalise(result["returns"], ref)  # [episodes, attempts]
+    return float((norm.max(1) if which == "best" else norm[:, -1]).mean())
+
+
+def select_targets(base, root: str, evals: dict) -> dict:
+    """The evaluation target of every (set, agent, n) among `suite.targets`, chosen on validation
+    episodes; `evals` (cell -> its eval.json at `suite.target`) becomes the test episodes at it.
+
+    Every cell is evaluated at every candidate on `suite.episodes` validation environments
+    (seeds: the cell's test seed + `suite.valid_seed`); the candidate with the best mean over
+    seeds (DT: whole episodes; AT: best attempt at the cap) wins, ties to the first. Returns
+    (set, agent, n) -> {"target", "valid": {candidate: mean validation score}}; test episodes
+    at a candidate other than `suite.target` are eval_test_<target>.json (DT at the cap:
+    eval_cap_<target>.json).
+    """
+    suite = base.suite
+    candidates = tuple(suite.targets) or (suite.target,)
+    if len(candidates) == 1 and candidates[0] == suite.target:
+        return {}
+    if suite.episodes >= suite.valid_seed:
+        raise ValueError(
+            f"suite.valid_seed={suite.valid_seed} must exceed suite.episodes={suite.episodes} so "
+            "validation and test environments differ"
+        )
+    by_group = {}
+    for key in evals:
+        by_group.setdefault((key[0], key[1], key[2]), []).append(key)
+    chosen = {}
+    for group, keys in by_group.items():
+        name, agent, _ = group
+        # DT: whole episodes; AT: its best attempt on episodes cut at the cap.
+        cap, which = (None, "last") if agent == "dt" else (suite.cap, "best")
+        ref = references(suite.data, family_of(name), cap)
+        valid = {}
+        for t in candidates:
+            value = d4rl_suite.eval_target(suite, name, agent, t)
+            per_seed = []
+            for key in keys:
+                config = d4rl_suite.cell(base, *key)
+                result = eval_file(
+                    os.path.join(root, config.name),
+                    f"valid_{t}",
+                    target_return=value,
+                    seed=config.eval.seed + suite.valid_seed,
+                )
+                per_seed.append(run_score(result, ref, which))
+            valid[t] = float(np.mean(per_seed))
+        best = max(candidates, key=lambda t: valid[t])  # first of equal ones
+        chosen[group] = {"target": best, "valid": valid}
+        if best == suite.target:
+            continue
+        value = d4rl_suite.eval_target(suite, name, agent, best)
+        for key in keys:
+            evals[key] = eval_file(
+                os.path.join(root, d4rl_suite.cell(base, *key).name),
+                f"test_{best}",
+                target_return=value,
+            )
+    return chosen
 
 
 def main(argv: list[str]) -> None:
@@ -121,18 +194,25 @@ def main(argv: list[str]) -> None:
     evals, caps = {}, {}
     for key in cells(suite):
         config = d4rl_suite.cell(base, *key)
-        workdir = os.path.join(root, config.name)
-        evals[key] = run_cell(config, workdir)
+        evals[key] = run_cell(config, os.path.join(root, config.name))
+    chosen = select_targets(base, root, evals)
+    for key in evals:
         if key[1] == "dt":
-            caps[key] = cap_eval(workdir, suite.cap)
+            workdir = os.path.join(root, d4rl_suite.cell(base, *key).name)
+            target = chosen.get(key[:3], {}).get("target", suite.target)
+            if target == suite.target:
+                caps[key] = cap_eval(workdir, suite.cap)
+            else:
+                caps[key] = eval_file(
+                    workdir,
+                    f"cap_{target}",
+                    max_steps=suite.cap,
+                    target_return=d4rl_suite.eval_target(suite, key[0], "dt", target),
+                )
 
     def scores(results, ref, which="last"):
         # Each run: the mean over its episodes of the normalised best or last attempt.
-        per_run = []
-        for r in results:
-            norm = normalise(r["returns"], ref)  # [episodes, attempts]
-            per_run.append(float((norm.max(1) if which == "best" else norm[:, -1]).mean()))
-        return stats(per_run, lambda v: v)
+        return stats([run_score(r, ref, which) for r in results], lambda v: v)
 
     seeds = suite.seeds
     table = []
@@ -148,8 +228,10 @@ def main(argv: list[str]) -> None:
             "dt_length": float(np.mean([evals[k]["length_mean"][0] for k in dt])),
             "ref": full,
             "ref_cap": cut,
+            "dt_target": chosen.get((name, "dt", 1), {"target": suite.target}),
         }
         if name in suite.sets:
+            row["at_target"] = chosen.get((name, "at", suite.at_n), {"target": suite.target})
             at = [evals[(name, "at", suite.at_n, s)] for s in seeds]
             row["at_best_cap"] = scores(at, cut, "best")
             row["at_last_cap"] = scores(at, cut, "last")
@@ -163,6 +245,7 @@ def main(argv: list[str]) -> None:
             rows.append(
                 {
                     "n": n,
+                    "target": chosen.get((name, "at", n), {"target": suite.target}),
                     "best": scores(rs, cut, "best"),
                     "last": scores(rs, cut, "last"),
                     "first": stats(
@@ -202,6 +285,12 @@ def main(argv: list[str]) -> None:
                 else "- | - |"
             )
         )
+    if chosen:
+        print("\ntarget chosen on validation episodes (mean validation score of each candidate):")
+        for (name, agent, n), c in chosen.items():
+            cands = ", ".join(f"{t}: {v:.1f}" for t, v in c["valid"].items())
+            label = agent.upper() + (f" n={n}" if agent == "at" else "")
+            print(f"  {name} {label}: {cands} -> {c['target']}")
     for name, rows in ablations.items():
         print(f"\nAT n-ablation on {name} (cap {suite.cap}):")
         print("| n | attempt 1 | last attempt | best attempt |")

@@ -146,3 +146,34 @@ def test_suite_with_dt_sets_only_writes_the_table_without_a_plot(suite_run):
     assert "| hopper-medium-replay |" in only_dt.stdout and "no plot" in only_dt.stdout
     (row,) = json.load(open(work / "d4rl_suite.json"))["table"]
     assert row["set"] == "hopper-medium-replay" and "at_best_cap" not in row
+
+
+def test_suite_chooses_the_target_on_validation_episodes_and_reports_test_ones(suite_run):
+    """suite.targets: every DT cell is evaluated at each candidate on environments other than the
+    test ones; the table reports the test episodes at the candidate best on validation."""
+    data, work, proc = suite_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = _suite(
+        data,
+        work,
+        "--config.suite.sets=()",
+        "--config.suite.ablation_sets=()",
+        "--config.suite.dt_sets=('hopper-medium-replay',)",
+        "--config.suite.targets=('high','low')",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "== " not in out.stdout and "target chosen on validation episodes" in out.stdout
+    cell = work / "dt_hopper-medium-replay_seed0"
+    test = json.load(open(cell / "eval.json"))
+    valid = {t: json.load(open(cell / f"eval_valid_{t}.json")) for t in ("high", "low")}
+    assert [valid[t]["target_returns"] for t in ("high", "low")] == [[3600.0], [1800.0]]
+    assert valid["high"]["seed"] == valid["low"]["seed"] == test["seed"] + 500
+    ref = runner.references(str(data), "hopper")
+    scores = {t: runner.run_score(v, ref) for t, v in valid.items()}
+    (row,) = json.load(open(work / "d4rl_suite.json"))["table"]
+    best = max(("high", "low"), key=lambda t: scores[t])
+    assert row["dt_target"]["target"] == best
+    assert row["dt_target"]["valid"] == pytest.approx(scores)
+    chosen = test if best == "high" else json.load(open(cell / f"eval_test_{best}.json"))
+    assert chosen["seed"] == test["seed"]
+    assert row["dt"]["values"] == pytest.approx([runner.run_score(chosen, ref)])
