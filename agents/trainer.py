@@ -112,6 +112,21 @@ def _train_and_evaluate(
     return {"step": step, **train_metrics, **eval_scalars(result), "eval": result}
 
 
+def one_step_in_flight() -> bool:
+    """Whether the loop waits for each train step before queueing the next: on several CPU
+    devices in one process (virtual devices sharing the host's cores).
+
+    There, queued steps can deadlock: seen twice in one AT run on 2 busy cores with 8 devices
+    (gdb): 7 device threads sat in an all-gather waiting for the 8th, whose launch waited for a
+    semaphore in `CpuPjRtRawLoadedExecutable::Execute`, while 7 more launches (the next step's)
+    waited for their inputs; 0% CPU until the collective timeout (30 min). With one step in
+    flight there is no later launch to hold what an earlier one needs. The cost is the host's
+    sampling no longer overlapping the step: <= 2% of a step here (experiments/bench_agent.py),
+    and nothing on accelerators, where steps stay queued.
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
 def train_loop(
     config: ml_collections.ConfigDict,
     agent: Agent,
@@ -139,9 +154,12 @@ def train_loop(
         dynamic_ncols=True,
     )
     t0, since = time.perf_counter(), start_step
+    one_in_flight = one_step_in_flight()
     for step in range(start_step, config.num_steps):
         batch = agent.put_batch(sampler.sample(config.batch_size))
         state, metrics = agent.train_step(state, batch)
+        if one_in_flight:
+            jax.block_until_ready(state.step)
         done = step + 1
         if step == start_step:  # the first step compiles; tokens/s counts from after it
             jax.block_until_ready(state.step)

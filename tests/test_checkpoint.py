@@ -196,3 +196,32 @@ def test_trainer_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch)
     ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert sampler_a == sampler_b
+
+
+def test_train_loop_keeps_one_step_in_flight_on_cpu_devices(tmp_path, monkeypatch):
+    """On virtual CPU devices each train step has finished before the next is queued (queued
+    steps can deadlock XLA:CPU's in-process collectives: agents.trainer.one_step_in_flight)."""
+    from ringrl.agents import step, trainer
+    from ringrl.configs import at_darkroom
+
+    assert trainer.one_step_in_flight()  # conftest: 8 CPU devices
+    config = at_darkroom.get_config("smoke")
+    with config.unlocked():
+        config.num_steps = config.checkpoint_every = config.log_every = 6  # no sync in between
+        config.data.dir = str(tmp_path / "data")
+        config.mesh = [("data", 1), ("seq", 4)]
+    ready = []
+    make_train_step = step.make_train_step
+
+    def recording(*args, **kwargs):
+        train_step = make_train_step(*args, **kwargs)
+
+        def recording_step(state, batch):
+            ready.append(state.step.is_ready())  # the previous step's output, as it is queued
+            return train_step(state, batch)
+
+        return recording_step
+
+    monkeypatch.setattr(step, "make_train_step", recording)
+    trainer.train_and_evaluate(config, tmp_path / "run")
+    assert len(ready) == 6 and all(ready)
