@@ -266,7 +266,8 @@ def main(argv: list[str]) -> None:
 
     print(
         f"normalised score, mean ± standard error over seeds {tuple(seeds)} of each run's mean "
-        f"over {suite.episodes} episodes; {suite.steps} train steps per run; cap = first "
+        f"over {suite.episodes} episodes (DT: rounded up to whole shards of its data mesh); "
+        f"{suite.steps} train steps per run; cap = first "
         f"{suite.cap} steps of every episode (references cut there too); AT n = {suite.at_n}"
     )
     print(
