@@ -117,11 +117,6 @@ def eval_file(workdir: str, tag: str, **overrides) -> dict:
         return json.load(f)
 
 
-def cap_eval(workdir: str, cap: int) -> dict:
-    """A DT run evaluated again on episodes cut at `cap` steps (eval_cap.json, reused)."""
-    return eval_file(workdir, "cap", max_steps=cap)
-
-
 def run_score(result: dict, ref: tuple[float, float], which: str = "last") -> float:
     """One run's mean over its episodes of the normalised last (or best) attempt."""
     norm = normalise(result["returns"], ref)  # [episodes, attempts]
@@ -196,19 +191,15 @@ def main(argv: list[str]) -> None:
         config = d4rl_suite.cell(base, *key)
         evals[key] = run_cell(config, os.path.join(root, config.name))
     chosen = select_targets(base, root, evals)
-    for key in evals:
+    for key in evals:  # DT again on episodes cut at the cap, from its (chosen) target
         if key[1] == "dt":
-            workdir = os.path.join(root, d4rl_suite.cell(base, *key).name)
             target = chosen.get(key[:3], {}).get("target", suite.target)
-            if target == suite.target:
-                caps[key] = cap_eval(workdir, suite.cap)
-            else:
-                caps[key] = eval_file(
-                    workdir,
-                    f"cap_{target}",
-                    max_steps=suite.cap,
-                    target_return=d4rl_suite.eval_target(suite, key[0], "dt", target),
-                )
+            caps[key] = eval_file(
+                os.path.join(root, d4rl_suite.cell(base, *key).name),
+                "cap" if target == suite.target else f"cap_{target}",
+                max_steps=suite.cap,
+                target_return=d4rl_suite.eval_target(suite, key[0], "dt", target),
+            )
 
     def scores(results, ref, which="last"):
         # Each run: the mean over its episodes of the normalised best or last attempt.
