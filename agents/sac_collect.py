@@ -478,3 +478,51 @@ def collect_datasets(
         out.save(paths[level])  # atomic: temp file in out_dir, then rename
         log(f"{level}: wrote {paths[level]}")
     return paths
+
+
+def behaviour_scores(
+    env_id: str, out_dir: str, *, episodes: int = 50, seed: int = 20_000
+) -> list[dict[str, Any]]:
+    """What the policies behind the medium and expert sets score, stochastic and deterministic.
+
+    The sets are rolled out with stochastic actions (tanh of a Gaussian sample); an imitation
+    agent that outputs its mean action, as DT does, plays closer to the same policy acting
+    deterministically (tanh of the mean). Comparing the two tells how much of a set's spread of
+    returns (its best 10%) comes from the policy and how much from its action noise. Episodes
+    use environment seeds from `seed` on (not the sets' rollout seeds nor the agents'
+    evaluation seeds) and are normalised with the sets' own references.
+
+    Returns:
+      Rows {"level", "policy_step", "mode", "returns"} for medium and expert, each mode.
+
+    Raises:
+      ValueError: no finished collection of `env_id` in `out_dir` (one line, with the fix).
+    """
+    path = checkpoint_path(out_dir, env_id)
+    if not os.path.exists(path):
+        raise ValueError(
+            f"no SAC checkpoint {path}; fix: run `ringrl-collect mujoco --env {env_id} "
+            f"--out {out_dir}` first"
+        )
+    run = load_checkpoint(path)
+    if not run.done:
+        raise ValueError(
+            f"{path} holds an unfinished run ({run.step} of {run.total_steps} steps); fix: rerun "
+            f"`ringrl-collect mujoco --env {env_id} --out {out_dir}` to finish it"
+        )
+    sac = get_sac(run.buffer["observations"].shape[1], run.buffer["actions"].shape[1], run.config)
+    space = gym.make(env_id).action_space
+    rows = []
+    for level, snap in (("medium", pick_medium(run.snapshots)), ("expert", run.snapshots[-1])):
+        for mode in ("stochastic", "deterministic"):
+            policy = sac.policy(
+                snap["actor_params"], space.low, space.high, deterministic=mode == "deterministic"
+            )
+            eps = generate.rollout_episodes(
+                env_id, policy, num_episodes=episodes, seed=seed, desc=f"{level} {mode}"
+            )
+            returns = np.array([ep["rewards"].sum(dtype=np.float64) for ep in eps])
+            rows.append(
+                {"level": level, "policy_step": snap["step"], "mode": mode, "returns": returns}
+            )
+    return rows

@@ -405,15 +405,19 @@ def buffer_dataset(buffer: dict[str, np.ndarray], upto: int) -> Trajectories:
     )
 
 
+def best_mean(returns: np.ndarray, fraction: float = 0.1) -> float:
+    """Mean of the best `fraction` of `returns` (rounded, at least one): a set's "best 10%"."""
+    returns = np.sort(np.asarray(returns, dtype=np.float64))
+    return float(returns[-max(1, int(round(fraction * len(returns)))) :].mean())
+
+
 def set_summary(data: Trajectories, best_fraction: float = 0.1) -> dict[str, float]:
     """Episodes, steps, mean return and the mean return of the best `best_fraction` episodes."""
-    returns = np.sort(data.returns)
-    best = max(1, int(round(best_fraction * len(returns))))
     return {
         "episodes": data.num_episodes,
         "steps": data.num_steps,
-        "mean_return": float(returns.mean()),
-        "best_return": float(returns[-best:].mean()),
+        "mean_return": float(np.mean(data.returns)),
+        "best_return": best_mean(data.returns, best_fraction),
     }
 
 

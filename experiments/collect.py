@@ -4,13 +4,18 @@ ringrl-collect darkroom [--tasks N --episodes E --out F]
 ringrl-collect mujoco --env Hopper-v5 --steps 100000 [--dataset-steps N --out data/]
     random, medium, medium-replay, expert and medium-expert sets; resumable: rerun the same
     command after an interruption (SAC continues from its checkpoint, written sets are kept)
-ringrl-collect table [--out data/]   markdown table of the generated sets in a folder"""
+ringrl-collect table [--out data/]   markdown table of the generated sets in a folder
+ringrl-collect policies --env Hopper-v5 [--episodes 50 --out data/]
+    what the policies behind the medium and expert sets score, acting stochastically (as in
+    the sets) and deterministically (their mean action), against the sets' mean and best 10%"""
 
 import argparse
 import os
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 from ringrl.envs import darkroom, generate
 
@@ -78,17 +83,54 @@ def table(args: argparse.Namespace) -> None:
     print(generate.dataset_table(out))
 
 
+def policies(args: argparse.Namespace) -> None:
+    if args.env not in MUJOCO:
+        fail(f"unknown --env {args.env!r}; valid: {', '.join(MUJOCO)}")
+    out = args.out or "data"
+    episodes = 50 if args.episodes is None else args.episodes
+    if episodes < 1:
+        fail(f"--episodes must be >= 1, got {episodes}")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_ONE_THREAD}"
+    from ringrl.agents import sac_collect  # noqa: PLC0415 (jax only for this command)
+    from ringrl.envs.datasets import load_d4rl  # noqa: PLC0415
+    from ringrl.envs.scores import normalize, reference_scores  # noqa: PLC0415
+
+    rows = sac_collect.behaviour_scores(args.env, out, episodes=episodes, seed=args.seed + 20_000)
+    print(
+        f"{args.env}: {episodes} episodes per row (environment seeds {args.seed + 20_000} on), "
+        "normalised with the sets' references; mean ± standard error over episodes"
+    )
+    print(
+        "| policy | SAC step | actions | return | normalised | normalised best 10% | set | "
+        "set mean | set best 10% |"
+    )
+    print("|---|---:|---|---:|---:|---:|---|---:|---:|")
+    for row in rows:
+        path = generate.dataset_path(out, args.env, row["level"])
+        ref = reference_scores(path)
+        norm = np.asarray(normalize(row["returns"], ref))
+        data = np.asarray(normalize(load_d4rl(path).returns, ref))
+        se = norm.std(ddof=1) / np.sqrt(len(norm)) if len(norm) > 1 else float("nan")
+        print(
+            f"| {row['level']} | {row['policy_step']} | {row['mode']} | "
+            f"{row['returns'].mean():.1f} | {norm.mean():.1f} ± {se:.1f} | "
+            f"{generate.best_mean(norm):.1f} | {os.path.basename(path)} | {data.mean():.1f} | "
+            f"{generate.best_mean(data):.1f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("kind", help="darkroom | darkkeytodoor | mujoco | table")
+    p.add_argument("kind", help="darkroom | darkkeytodoor | mujoco | table | policies")
     p.add_argument("--tasks", type=int, help="training tasks (histories)")
-    p.add_argument("--episodes", type=int, help="episodes per history")
+    p.add_argument("--episodes", type=int, help="episodes per history (policies: per row)")
     p.add_argument("--env", default="Hopper-v5", help=f"mujoco env: {', '.join(MUJOCO)}")
     p.add_argument("--steps", type=int, default=100_000, help="SAC training steps")
     p.add_argument("--dataset-steps", type=int, help="steps per rolled-out set (default --steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="file (histories) or folder (mujoco); default under data/")
     commands = {**dict.fromkeys(HISTORIES, histories), "mujoco": mujoco, "table": table}
+    commands["policies"] = policies
     if (args := p.parse_args(argv)).kind not in commands:
         fail(f"unknown dataset kind {args.kind!r}; valid: {', '.join(commands)}")
     try:

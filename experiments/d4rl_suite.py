@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from ringrl.configs import d4rl_suite, dt_d4rl
+from ringrl.envs import generate
 from ringrl.envs.scores import normalize, reference_scores
 from ringrl.experiments import cli
 from ringrl.experiments.cells import run_cell, slot_returns, stats
@@ -89,10 +90,8 @@ def data_scores(folder: str, name: str, cap: int) -> dict[str, float]:
         ("", data.returns, references(folder, family)),
         ("_cap", data.returns_within(cap), references(folder, family, cap)),
     ):
-        r = np.sort(returns)
-        best = r[-max(1, int(round(0.1 * len(r)))) :]
-        out["mean" + suffix] = float(normalise(r.mean(), ref))
-        out["best10" + suffix] = float(normalise(best.mean(), ref))
+        out["mean" + suffix] = float(normalise(np.mean(returns), ref))
+        out["best10" + suffix] = float(normalise(generate.best_mean(returns), ref))
     out["episodes"] = int(data.num_episodes)
     return out
 

@@ -253,3 +253,33 @@ def test_pick_medium_and_paths():
     assert generate.dataset_path("d", "HalfCheetah-v5", "medium-replay") == os.path.join(
         "d", "halfcheetah-medium-replay-ringrl-v0.hdf5"
     )
+
+
+def test_behaviour_scores_replay_the_snapshots_behind_the_sets(collected, tmp_path, capsys):
+    out, paths = collected
+    run = sac_collect.load_checkpoint(sac_collect.checkpoint_path(out, ENV))
+    final = run.snapshots[-1]
+    # The seed and count of the final snapshot's own evaluation during training.
+    rows = sac_collect.behaviour_scores(
+        ENV, out, episodes=CFG.eval_episodes, seed=10_000 + final["step"]
+    )
+    by = {(r["level"], r["mode"]): r for r in rows}
+    assert sorted(by) == sorted(
+        (lv, m) for lv in ("medium", "expert") for m in ("stochastic", "deterministic")
+    )
+    medium_step = load_d4rl(paths["medium"]).metadata["policy_step"]
+    assert by["medium", "deterministic"]["policy_step"] == medium_step
+    assert by["expert", "deterministic"]["policy_step"] == final["step"]
+    # Deterministic expert episodes replay the snapshot evaluation exactly; stochastic differ.
+    expert = by["expert", "deterministic"]["returns"]
+    assert len(expert) == CFG.eval_episodes
+    assert expert.mean() == pytest.approx(final["eval_return"], rel=1e-9)
+    assert not np.allclose(by["expert", "stochastic"]["returns"], expert)
+    with pytest.raises(ValueError, match="no SAC checkpoint.*fix: run `ringrl-collect mujoco"):
+        sac_collect.behaviour_scores(ENV, str(tmp_path))
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as m:
+        m.setattr(collect, "MUJOCO", (*collect.MUJOCO, ENV))
+        collect.main(["policies", "--env", ENV, "--out", out, "--episodes", "2"])
+    table = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
+    assert len(table) == 1 + 4 and "hoppershort-medium-ringrl-v0.hdf5" in table[1]
