@@ -155,6 +155,7 @@ def evaluate_agent(
         result["reference_random"], result["reference_optimal"] = reference
     result["seed"] = int(seed)  # environment seeds seed .. seed + num_envs - 1
     result["target_returns"] = [float(t) for t in groups]  # one per group of goals
+    result["devices"] = jax.device_count()  # of the evaluating process (its mesh spans them)
     # Episodes the context holds (AT/AD: n); fewer than the attempts means AD's rolling context.
     result["context_episodes"] = None if config.data.mode == "dt" else config.data.num_trajectories
     return result

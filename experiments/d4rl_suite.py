@@ -254,11 +254,17 @@ def main(argv: list[str]) -> None:
     def fmt(x):
         return f"{x['mean']:6.1f} ± {x['se']:<4.1f}"
 
+    import jax
+
+    devices = jax.device_count()
+
     print(
         f"normalised score, mean ± standard error over seeds {tuple(seeds)} of each run's mean "
         f"over {suite.episodes} episodes (DT: rounded up to whole shards of its data mesh); "
         f"{suite.steps} train steps per run; cap = first "
-        f"{suite.cap} steps of every episode (references cut there too); AT n = {suite.at_n}"
+        f"{suite.cap} steps of every episode (references cut there too); AT n = {suite.at_n}; "
+        f"{devices} {jax.default_backend()} device(s) in this process (the cells' rings and DT's "
+        "data mesh span them; XLA_FLAGS=--xla_force_host_platform_device_count=8 for 8 on CPU)"
     )
     print(
         "| set | data mean | data best 10% | DT | data mean (cap) | data best 10% (cap) | "
@@ -299,7 +305,16 @@ def main(argv: list[str]) -> None:
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, "d4rl_suite.json.tmp")
     with open(tmp, "w") as f:
-        json.dump({"table": table, "ablations": ablations, "suite": suite.to_dict()}, f, indent=1)
+        json.dump(
+            {
+                "table": table,
+                "ablations": ablations,
+                "suite": suite.to_dict(),
+                "devices": devices,  # of this invocation; each eval_*.json records its own
+            },
+            f,
+            indent=1,
+        )
     os.replace(tmp, os.path.join(root, "d4rl_suite.json"))
     if not ablations:  # e.g. only DT sets (--config.suite.ablation_sets='()'): nothing to plot
         print(f"wrote {os.path.join(root, 'd4rl_suite.json')} (no ablation sets: no plot)")

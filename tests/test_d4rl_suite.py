@@ -117,6 +117,8 @@ def test_suite_smoke_writes_table_json_and_plot(suite_run):
     # DT's capped evaluation ends at 16 steps; AT's slots and episodes do too.
     cap = json.load(open(work / "dt_hopper-medium-replay_seed0" / "eval_cap.json"))
     assert np.max(cap["lengths"]) <= 16
+    # The devices of the run (8 forced here) are recorded, and named in the header.
+    assert result["devices"] == cap["devices"] == 8 and "8 cpu device(s)" in out
     at = json.load(open(work / "at_hopper-medium-replay_n2_seed0" / "eval.json"))
     assert at["attempts"] == 2 and np.max(at["lengths"]) <= 16
     # The table's AT score is the normalised mean of the run's episodes, recomputed here.
