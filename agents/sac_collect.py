@@ -40,6 +40,19 @@ from ringrl.envs.trajectories import Trajectories
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 CHECKPOINT_VERSION = 1
+# How a collection picks the policies behind its medium and expert sets (file names -ringrl-vN):
+# 0: expert = the final snapshot; medium = the snapshot whose deterministic evaluation during
+#    training (5 episodes) is nearest a third of the final one's (`pick_medium`).
+# 1: every snapshot is rolled out with sampled actions, as the sets are (PICK_EPISODES each);
+#    expert = the best; medium = the one at or before it nearest a third of its return
+#    (`pick_by_sampled_returns`). With 20 episodes per snapshot Walker2d's medium set came out at
+#    1.5x its pick estimate (heavy-tailed returns), hence 50.
+# Version 0 took an unstable final snapshot as Hopper's expert (deterministic play 31% of its
+# sampled play) and a medium from a deterministic score the sampled rollouts did not match
+# (Hopper's medium set at 13% of the expert set).
+DATASET_VERSIONS = (0, 1)
+PICK_EPISODES = 50
+PICK_SEED = 50_000  # + the run seed: the picks' environment seeds (no set, eval or agent uses them)
 
 
 @dataclasses.dataclass
@@ -313,11 +326,38 @@ def train_sac(
 
 
 def pick_medium(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
-    """The snapshot whose eval return is closest to a third of the final snapshot's."""
+    """Version 0's medium: the snapshot whose eval return (5 deterministic episodes during
+    training) is closest to a third of the final snapshot's."""
     if not snapshots:
         raise ValueError("no policy snapshots; fix: train for at least config.snapshot_every steps")
     target = snapshots[-1]["eval_return"] / 3.0
     return min(snapshots, key=lambda s: abs(s["eval_return"] - target))
+
+
+def pick_by_sampled_returns(returns: list[float]) -> tuple[int, int]:
+    """Version 1's picks from each snapshot's mean return with sampled actions (the way the sets
+    are rolled out): (medium index, expert index). The expert is the best snapshot; the medium
+    is the one at or before it whose return is nearest a third of the expert's (the earlier one
+    on a tie)."""
+    if not returns:
+        raise ValueError("no policy snapshots; fix: train for at least config.snapshot_every steps")
+    expert = int(np.argmax(returns))
+    target = returns[expert] / 3.0
+    medium = min(range(expert + 1), key=lambda i: abs(returns[i] - target))
+    return medium, expert
+
+
+def sampled_returns(run: SACRun, episodes: int, seed: int, progress: bool = True) -> list[float]:
+    """Mean return of every snapshot of `run` over `episodes` episodes with sampled actions
+    (environment seeds from `seed`, the same for every snapshot)."""
+    sac = get_sac(run.buffer["observations"].shape[1], run.buffer["actions"].shape[1], run.config)
+    space = gym.make(run.env_id).action_space
+    out = []
+    for snap in tqdm(run.snapshots, desc="snapshots (sampled actions)", disable=not progress):
+        policy = sac.policy(snap["actor_params"], space.low, space.high, deterministic=False)
+        eps = generate.rollout_episodes(run.env_id, policy, num_episodes=episodes, seed=seed)
+        out.append(float(np.mean([ep["rewards"].sum(dtype=np.float64) for ep in eps])))
+    return out
 
 
 def _existing(path: str, expected: dict[str, Any]) -> Trajectories | None:
@@ -350,13 +390,17 @@ def collect_datasets(
     progress: bool = True,
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
+    version: int = 0,
+    pick_episodes: int = PICK_EPISODES,
 ) -> dict[str, str]:
     """Trains SAC (resumably) and writes the five D4RL-style datasets of `env_id` to `out_dir`.
 
     - random: uniform actions; its mean episode return is every file's `ref_min_score`.
-    - medium: the snapshot closest to a third of the final eval return (stochastic actions).
+    - medium: a snapshot at about a third of the expert's return (stochastic actions; which one
+      depends on `version`, see DATASET_VERSIONS).
     - medium-replay: the replay buffer up to that snapshot's step, cut at the last episode end.
-    - expert: the final policy (stochastic actions); its mean return is `ref_max_score`.
+    - expert: the final (version 0) or best (version 1) snapshot, stochastic actions; its mean
+      return is `ref_max_score`.
     - medium-expert: the medium set followed by the expert set (D4RL's mix).
 
     D4RL defines its references as a random policy's and an expert policy's returns; here they
@@ -372,7 +416,7 @@ def collect_datasets(
     Args:
       env_id: e.g. "Hopper-v5".
       total_steps: SAC training steps.
-      out_dir: folder for the checkpoint and the `<env>-<level>-ringrl-v0.hdf5` files.
+      out_dir: folder for the checkpoint and the `<env>-<level>-ringrl-v<version>.hdf5` files.
       dataset_steps: steps per rolled-out dataset (whole episodes, so at least this many);
         default `total_steps`.
       seed: run seed (datasets use seed+1.. so they differ from training).
@@ -380,6 +424,9 @@ def collect_datasets(
       progress: tqdm bars during training and rollouts.
       stop_after: passed to `train_sac`; when training stops early no dataset is written.
       log: where to print one line per set.
+      version: how the medium and expert policies are picked (DATASET_VERSIONS); every version
+        is made from the same SAC run, so a second version needs no more training.
+      pick_episodes: version 1: sampled-action episodes per snapshot for the picks.
 
     Returns:
       {level: path} of the five sets (empty if training was stopped early).
@@ -389,6 +436,10 @@ def collect_datasets(
     """
     if dataset_steps is not None and dataset_steps < 1:
         raise ValueError(f"dataset_steps must be positive, got {dataset_steps}")
+    if version not in DATASET_VERSIONS:
+        raise ValueError(f"dataset version {version!r} is not one of {DATASET_VERSIONS}")
+    if pick_episodes < 1:
+        raise ValueError(f"pick_episodes must be positive, got {pick_episodes}")
     run = train_sac(
         env_id,
         total_steps,
@@ -403,8 +454,6 @@ def collect_datasets(
     dataset_steps = dataset_steps or total_steps
     sac = get_sac(run.buffer["observations"].shape[1], run.buffer["actions"].shape[1], run.config)
     space = gym.make(env_id).action_space
-    medium = pick_medium(run.snapshots)
-    final = run.snapshots[-1]
     run_meta = {
         "env_id": env_id,
         "source": "ringrl-sac",
@@ -412,7 +461,9 @@ def collect_datasets(
         "sac_seed": run.seed,
         "dataset_steps": dataset_steps,
     }
-    paths = {level: generate.dataset_path(out_dir, env_id, level) for level in LEVELS}
+    if version:  # version 0 files predate the key: their metadata stays as it was
+        run_meta.update(dataset_version=version, pick_episodes=pick_episodes)
+    paths = {level: generate.dataset_path(out_dir, env_id, level, version) for level in LEVELS}
     data: dict[str, Trajectories] = {}
     for level, path in paths.items():
         existing = _existing(path, {**run_meta, "level": level})
@@ -420,9 +471,24 @@ def collect_datasets(
             data[level] = existing
             log(f"{level}: kept {path}")
     written = set(data)
+    if written == set(LEVELS):
+        return paths
+    pick_meta: dict[str, Any] = {}
+    if version == 0:
+        medium, expert = pick_medium(run.snapshots), run.snapshots[-1]
+    else:
+        returns = sampled_returns(run, pick_episodes, seed + PICK_SEED, progress)
+        i_medium, i_expert = pick_by_sampled_returns(returns)
+        medium, expert = run.snapshots[i_medium], run.snapshots[i_expert]
+        pick_meta["snapshot_sampled_returns"] = returns
+        log(
+            f"picked on sampled actions ({pick_episodes} episodes per snapshot): expert = step "
+            f"{expert['step']} ({returns[i_expert]:.1f}), medium = step {medium['step']} "
+            f"({returns[i_medium]:.1f})"
+        )
     policies = {
         "random": generate.uniform_policy(space.low, space.high),
-        "expert": sac.policy(final["actor_params"], space.low, space.high, deterministic=False),
+        "expert": sac.policy(expert["actor_params"], space.low, space.high, deterministic=False),
         "medium": sac.policy(medium["actor_params"], space.low, space.high, deterministic=False),
     }
     rollout_seed = {"random": seed + 1, "medium": seed + 2, "expert": seed + 3}
@@ -459,8 +525,8 @@ def collect_datasets(
         "random": 0,
         "medium": medium["step"],
         "medium-replay": medium["step"],
-        "expert": final["step"],
-        "medium-expert": final["step"],
+        "expert": expert["step"],
+        "medium-expert": expert["step"],
     }
     for level in ("random", "expert", "medium", "medium-replay", "medium-expert"):
         if level in written:
@@ -474,6 +540,7 @@ def collect_datasets(
             "policy_step": policy_step[level],
             "snapshot_steps": [s["step"] for s in run.snapshots],
             "snapshot_eval_returns": [s["eval_return"] for s in run.snapshots],
+            **pick_meta,
         }
         out.save(paths[level])  # atomic: temp file in out_dir, then rename
         log(f"{level}: wrote {paths[level]}")
@@ -481,7 +548,7 @@ def collect_datasets(
 
 
 def behaviour_scores(
-    env_id: str, out_dir: str, *, episodes: int = 50, seed: int = 20_000
+    env_id: str, out_dir: str, *, episodes: int = 50, seed: int = 20_000, version: int = 0
 ) -> list[dict[str, Any]]:
     """What the policies behind the medium and expert sets score, stochastic and deterministic.
 
@@ -490,13 +557,15 @@ def behaviour_scores(
     deterministically (tanh of the mean). Comparing the two tells how much of a set's spread of
     returns (its best 10%) comes from the policy and how much from its action noise. Episodes
     use environment seeds from `seed` on (not the sets' rollout seeds nor the agents'
-    evaluation seeds) and are normalised with the sets' own references.
+    evaluation seeds) and are normalised with the sets' own references. The snapshots are the
+    ones named by the medium and expert sets of `version` (their `policy_step` metadata).
 
     Returns:
       Rows {"level", "policy_step", "mode", "returns"} for medium and expert, each mode.
 
     Raises:
-      ValueError: no finished collection of `env_id` in `out_dir` (one line, with the fix).
+      ValueError: no finished collection of `env_id` in `out_dir`, or no sets of `version`
+        (one line, with the fix).
     """
     path = checkpoint_path(out_dir, env_id)
     if not os.path.exists(path):
@@ -512,8 +581,16 @@ def behaviour_scores(
         )
     sac = get_sac(run.buffer["observations"].shape[1], run.buffer["actions"].shape[1], run.config)
     space = gym.make(env_id).action_space
+    by_step = {s["step"]: s for s in run.snapshots}
     rows = []
-    for level, snap in (("medium", pick_medium(run.snapshots)), ("expert", run.snapshots[-1])):
+    for level in ("medium", "expert"):
+        set_path = generate.dataset_path(out_dir, env_id, level, version)
+        if not os.path.exists(set_path):
+            raise ValueError(
+                f"no set {set_path}; fix: run `ringrl-collect mujoco --env {env_id} --out "
+                f"{out_dir} --version {version}` first"
+            )
+        snap = by_step[load_d4rl(set_path).metadata["policy_step"]]
         for mode in ("stochastic", "deterministic"):
             policy = sac.policy(
                 snap["actor_params"], space.low, space.high, deterministic=mode == "deterministic"

@@ -37,16 +37,17 @@ from ringrl.configs import at_d4rl, common, dt_d4rl
 AGENTS = ("dt", "at")
 
 
-def data_path(folder: str, name: str) -> str:
-    """Where `ringrl-collect mujoco --out folder` writes set `name` ("hopper-medium-replay")."""
-    return f"{folder.rstrip('/')}/{name}-ringrl-v0.hdf5"
+def data_path(folder: str, name: str, version: int = 0) -> str:
+    """Where `ringrl-collect mujoco --out folder --version V` writes set `name`
+    ("hopper-medium-replay"): folder/hopper-medium-replay-ringrl-vV.hdf5."""
+    return f"{folder.rstrip('/')}/{name}-ringrl-v{version}.hdf5"
 
 
 def eval_target(suite, name: str, agent: str, target: str) -> float:
     """The evaluation target return of `agent` on set `name` for `target` ("high", "low" or a
     number): the paper's value for the task (configs/dt_d4rl.py) for DT's whole episodes, scaled
     to the cap (target * cap / 1000) for AT's episodes of `suite.cap` steps."""
-    value = dt_d4rl.target_return("", data_path(suite.data, name), target)
+    value = dt_d4rl.target_return("", data_path(suite.data, name, suite.data_version), target)
     return value if agent == "dt" else value * suite.cap / 1000.0
 
 
@@ -57,7 +58,7 @@ def cell(
     if agent not in AGENTS:
         raise ValueError(f"suite agent must be one of {AGENTS}, got {agent!r}")
     s = config.suite
-    path = data_path(s.data, name)
+    path = data_path(s.data, name, s.data_version)
     smoke = ",smoke" if s.smoke else ""
     if agent == "dt":
         out = dt_d4rl.get_config(f"path={path},target={s.target}{smoke}")
@@ -102,13 +103,23 @@ def cell(
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Args: set, agent ("dt" or "at"), n, seed (one cell, for ringrl-train), data (folder of the
-    sets), smoke."""
+    sets), version (of the sets: ringrl-collect mujoco --version), smoke."""
     arg = common.parse_arg(
-        arg, set="hopper-medium-replay", agent="at", n=4, seed=0, data="data", smoke=False
+        arg,
+        set="hopper-medium-replay",
+        agent="at",
+        n=4,
+        seed=0,
+        data="data",
+        version=0,
+        smoke=False,
     )
     config = ml_collections.ConfigDict()
     config.suite = dict(
         data=arg.data,  # folder ringrl-collect mujoco wrote to
+        # Which collection's sets (ringrl-collect mujoco --version): 0 the README's tables, 1 the
+        # sets with medium and expert picked on sampled-action returns (agents/sac_collect.py).
+        data_version=arg.version,
         # DT only, e.g. ("hopper-medium", "walker2d-medium") (not run for the README table).
         dt_sets=(),
         sets=(

@@ -262,9 +262,10 @@ def dataset_prefix(env_id: str) -> str:
     return re.sub(r"-v\d+$", "", env_id.split("/")[-1]).lower()
 
 
-def dataset_path(out_dir: str, env_id: str, level: str) -> str:
-    """out_dir/<env>-<level>-ringrl-v0.hdf5, e.g. data/hopper-medium-replay-ringrl-v0.hdf5."""
-    return os.path.join(out_dir, f"{dataset_prefix(env_id)}-{level}-ringrl-v0.hdf5")
+def dataset_path(out_dir: str, env_id: str, level: str, version: int = 0) -> str:
+    """out_dir/<env>-<level>-ringrl-v<version>.hdf5, e.g. data/hopper-medium-replay-ringrl-v0.hdf5
+    (the version names how the sets' policies were picked: `ringrl.agents.sac_collect`)."""
+    return os.path.join(out_dir, f"{dataset_prefix(env_id)}-{level}-ringrl-v{version}.hdf5")
 
 
 def uniform_policy(low: np.ndarray, high: np.ndarray) -> Policy:
@@ -421,12 +422,13 @@ def set_summary(data: Trajectories, best_fraction: float = 0.1) -> dict[str, flo
     }
 
 
-def dataset_table(out_dir: str, env_id: str | None = None) -> str:
-    """A markdown table of the generated MuJoCo sets (`*-ringrl-v0.hdf5`) in `out_dir`.
+def dataset_table(out_dir: str, env_id: str | None = None, version: int | None = None) -> str:
+    """A markdown table of the generated MuJoCo sets (`*-ringrl-v<version>.hdf5`) in `out_dir`.
 
     Args:
       out_dir: the folder `ringrl-collect mujoco --out` wrote to.
       env_id: only the sets of this env (e.g. "Hopper-v5"); None: every set in the folder.
+      version: only the sets of this collection version; None: every version.
 
     One row per set: episodes, steps, mean return, mean return of its best 10% of episodes and
     both normalised with the file's own references, 100 * (R - ref_min) / (ref_max - ref_min)
@@ -436,10 +438,11 @@ def dataset_table(out_dir: str, env_id: str | None = None) -> str:
       ValueError: no generated set in `out_dir`.
     """
     prefix = "*" if env_id is None else dataset_prefix(env_id)
-    paths = sorted(glob.glob(os.path.join(out_dir, f"{prefix}-*-ringrl-v0.hdf5")))
+    pattern = f"{prefix}-*-ringrl-v{'*' if version is None else version}.hdf5"
+    paths = sorted(glob.glob(os.path.join(out_dir, pattern)))
     if not paths:
         raise ValueError(
-            f"no generated sets ({prefix}-*-ringrl-v0.hdf5) in {out_dir!r}; fix: run "
+            f"no generated sets ({pattern}) in {out_dir!r}; fix: run "
             "ringrl-collect mujoco --env ... --out there first"
         )
     rows = [

@@ -1,11 +1,13 @@
 r"""Makes our own datasets.
 
 ringrl-collect darkroom [--tasks N --episodes E --out F]
-ringrl-collect mujoco --env Hopper-v5 --steps 100000 [--dataset-steps N --out data/]
+ringrl-collect mujoco --env Hopper-v5 --steps 100000 [--dataset-steps N --out data/ --version 0]
     random, medium, medium-replay, expert and medium-expert sets; resumable: rerun the same
-    command after an interruption (SAC continues from its checkpoint, written sets are kept)
-ringrl-collect table [--out data/]   markdown table of the generated sets in a folder
-ringrl-collect policies --env Hopper-v5 [--episodes 50 --out data/]
+    command after an interruption (SAC continues from its checkpoint, written sets are kept);
+    --version 1 picks the medium and expert policies on sampled-action returns (from the same
+    SAC run: no more training once one version exists)
+ringrl-collect table [--out data/ --version V]   markdown table of the generated sets in a folder
+ringrl-collect policies --env Hopper-v5 [--episodes 50 --out data/ --version 0]
     what the policies behind the medium and expert sets score, acting stochastically (as in
     the sets) and deterministically (their mean action), against the sets' mean and best 10%"""
 
@@ -69,18 +71,23 @@ def mujoco(args: argparse.Namespace) -> None:
 
     t0 = time.time()
     paths = sac_collect.collect_datasets(
-        args.env, args.steps, out, dataset_steps=args.dataset_steps, seed=args.seed
+        args.env,
+        args.steps,
+        out,
+        dataset_steps=args.dataset_steps,
+        seed=args.seed,
+        version=args.version,
     )
     print(f"done in {(time.time() - t0) / 60:.1f} min (this invocation)")
     if paths:
-        print(generate.dataset_table(out, args.env))
+        print(generate.dataset_table(out, args.env, args.version))
 
 
 def table(args: argparse.Namespace) -> None:
     out = args.out or "data"
     if not os.path.isdir(out):
         fail(f"--out {out!r} is not a folder; pass the folder ringrl-collect mujoco wrote to")
-    print(generate.dataset_table(out))
+    print(generate.dataset_table(out, version=args.version_given))
 
 
 def policies(args: argparse.Namespace) -> None:
@@ -95,7 +102,9 @@ def policies(args: argparse.Namespace) -> None:
     from ringrl.envs.datasets import load_d4rl  # noqa: PLC0415
     from ringrl.envs.scores import normalize, reference_scores  # noqa: PLC0415
 
-    rows = sac_collect.behaviour_scores(args.env, out, episodes=episodes, seed=args.seed + 20_000)
+    rows = sac_collect.behaviour_scores(
+        args.env, out, episodes=episodes, seed=args.seed + 20_000, version=args.version
+    )
     print(
         f"{args.env}: {episodes} episodes per row (environment seeds {args.seed + 20_000} on), "
         "normalised with the sets' references; mean ± standard error over episodes"
@@ -106,7 +115,7 @@ def policies(args: argparse.Namespace) -> None:
     )
     print("|---|---:|---|---:|---:|---:|---|---:|---:|")
     for row in rows:
-        path = generate.dataset_path(out, args.env, row["level"])
+        path = generate.dataset_path(out, args.env, row["level"], args.version)
         ref = reference_scores(path)
         norm = np.asarray(normalize(row["returns"], ref))
         data = np.asarray(normalize(load_d4rl(path).returns, ref))
@@ -129,10 +138,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset-steps", type=int, help="steps per rolled-out set (default --steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="file (histories) or folder (mujoco); default under data/")
+    p.add_argument(
+        "--version",
+        type=int,
+        help="mujoco / policies: which picks of the medium and expert policies (0 default: "
+        "deterministic evaluation and the final snapshot; 1: sampled-action returns and the best "
+        "snapshot); table: only this version (default every one)",
+    )
     commands = {**dict.fromkeys(HISTORIES, histories), "mujoco": mujoco, "table": table}
     commands["policies"] = policies
     if (args := p.parse_args(argv)).kind not in commands:
         fail(f"unknown dataset kind {args.kind!r}; valid: {', '.join(commands)}")
+    args.version_given = args.version
+    args.version = 0 if args.version is None else args.version
+    if args.version not in (0, 1):
+        fail(f"--version must be 0 or 1, got {args.version}")
     try:
         commands[args.kind](args)
     except ValueError as err:  # library errors already name the problem and the fix

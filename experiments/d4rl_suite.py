@@ -57,17 +57,21 @@ def family_of(name: str) -> str:
 
 
 @functools.cache
-def references(folder: str, family: str, cap: int | None = None) -> tuple[float, float]:
+def references(
+    folder: str, family: str, cap: int | None = None, version: int = 0
+) -> tuple[float, float]:
     """(random, expert) reference returns of a family: over whole episodes (cap None) the files'
     own ref_min_score / ref_max_score; over each episode's first `cap` steps, the mean return of
     the family's random and expert sets cut there (loaded once per call arguments)."""
     from ringrl.envs.datasets import load_d4rl
 
     if cap is None:
-        return reference_scores(d4rl_suite.data_path(folder, f"{family}-random"))
+        return reference_scores(d4rl_suite.data_path(folder, f"{family}-random", version))
     out = [
         float(
-            load_d4rl(d4rl_suite.data_path(folder, f"{family}-{level}")).returns_within(cap).mean()
+            load_d4rl(d4rl_suite.data_path(folder, f"{family}-{level}", version))
+            .returns_within(cap)
+            .mean()
         )
         for level in ("random", "expert")
     ]
@@ -79,16 +83,16 @@ def normalise(returns, ref: tuple[float, float]) -> np.ndarray:
     return np.asarray(normalize(np.asarray(returns, np.float64), ref))
 
 
-def data_scores(folder: str, name: str, cap: int) -> dict[str, float]:
+def data_scores(folder: str, name: str, cap: int, version: int = 0) -> dict[str, float]:
     """The set's own episodes, normalised: mean and best-10% mean, whole and cut at `cap`."""
     from ringrl.envs.datasets import load_d4rl
 
-    data = load_d4rl(d4rl_suite.data_path(folder, name))
+    data = load_d4rl(d4rl_suite.data_path(folder, name, version))
     family = family_of(name)
     out = {}
     for suffix, returns, ref in (
-        ("", data.returns, references(folder, family)),
-        ("_cap", data.returns_within(cap), references(folder, family, cap)),
+        ("", data.returns, references(folder, family, None, version)),
+        ("_cap", data.returns_within(cap), references(folder, family, cap, version)),
     ):
         out["mean" + suffix] = float(normalise(np.mean(returns), ref))
         out["best10" + suffix] = float(normalise(generate.best_mean(returns), ref))
@@ -150,7 +154,7 @@ def select_targets(base, root: str, evals: dict) -> dict:
         name, agent, _ = group
         # DT: whole episodes; AT: its best attempt on episodes cut at the cap.
         cap, which = (None, "last") if agent == "dt" else (suite.cap, "best")
-        ref = references(suite.data, family_of(name), cap)
+        ref = references(suite.data, family_of(name), cap, suite.data_version)
         valid = {}
         for t in candidates:
             value = d4rl_suite.eval_target(suite, name, agent, t)
@@ -208,11 +212,12 @@ def main(argv: list[str]) -> None:
     table = []
     for name in tuple(suite.sets) + tuple(suite.dt_sets):
         family = family_of(name)
-        full, cut = references(suite.data, family), references(suite.data, family, suite.cap)
+        full = references(suite.data, family, None, suite.data_version)
+        cut = references(suite.data, family, suite.cap, suite.data_version)
         dt = [(name, "dt", 1, s) for s in seeds]
         row = {
             "set": name,
-            "data": data_scores(suite.data, name, suite.cap),
+            "data": data_scores(suite.data, name, suite.cap, suite.data_version),
             "dt": scores([evals[k] for k in dt], full),
             "dt_cap": scores([caps[k] for k in dt], cut),
             "dt_length": float(np.mean([evals[k]["length_mean"][0] for k in dt])),
@@ -228,7 +233,7 @@ def main(argv: list[str]) -> None:
         table.append(row)
     ablations = {}
     for name in suite.ablation_sets:
-        cut = references(suite.data, family_of(name), suite.cap)
+        cut = references(suite.data, family_of(name), suite.cap, suite.data_version)
         rows = []
         for n in suite.ablation_ns:
             rs = [evals[(name, "at", n, s)] for s in seeds]

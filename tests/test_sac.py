@@ -283,3 +283,60 @@ def test_behaviour_scores_replay_the_snapshots_behind_the_sets(collected, tmp_pa
         collect.main(["policies", "--env", ENV, "--out", out, "--episodes", "2"])
     table = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
     assert len(table) == 1 + 4 and "hoppershort-medium-ringrl-v0.hdf5" in table[1]
+
+
+def test_pick_by_sampled_returns():
+    # Expert = the best; medium = nearest a third of it among the snapshots up to the expert
+    # (the later 140 is nearer 400 / 3 but comes after the expert).
+    assert sac_collect.pick_by_sampled_returns([0.0, 50.0, 90.0, 400.0, 140.0]) == (2, 3)
+    assert sac_collect.pick_by_sampled_returns([10.0, 30.0, 50.0, 120.0]) == (1, 3)  # tie: earlier
+    assert sac_collect.pick_by_sampled_returns([5.0]) == (0, 0)
+    with pytest.raises(ValueError, match="no policy snapshots"):
+        sac_collect.pick_by_sampled_returns([])
+    from ringrl.configs import d4rl_suite
+
+    assert d4rl_suite.data_path("d", "hopper-medium", 1) == "d/hopper-medium-ringrl-v1.hdf5"
+    config = d4rl_suite.get_config("set=hopper-medium,agent=dt,version=1,smoke")
+    cell = d4rl_suite.cell(config, "hopper-medium", "dt", 1, 0)
+    assert cell.data.path == "data/hopper-medium-ringrl-v1.hdf5"
+
+
+def test_version_1_sets_come_from_the_same_run_with_sampled_picks(collected, tmp_path, capsys):
+    out, v0_paths = collected
+    ckpt = sac_collect.checkpoint_path(out, ENV)
+    shutil.copy(ckpt, sac_collect.checkpoint_path(str(tmp_path), ENV))
+    before = open(ckpt, "rb").read()
+    kw = dict(dataset_steps=120, config=CFG, progress=False, log=lambda _: None)
+    paths = sac_collect.collect_datasets(
+        ENV, STEPS, str(tmp_path), version=1, pick_episodes=2, **kw
+    )
+    run = sac_collect.load_checkpoint(ckpt)
+    # No more training: the checkpoint is the same run.
+    assert open(sac_collect.checkpoint_path(str(tmp_path), ENV), "rb").read() == before
+    data = {level: load_d4rl(p) for level, p in paths.items()}
+    returns = sac_collect.sampled_returns(run, 2, sac_collect.PICK_SEED, progress=False)
+    i_medium, i_expert = sac_collect.pick_by_sampled_returns(returns)
+    for level, d in data.items():
+        assert os.path.basename(paths[level]) == f"hoppershort-{level}-ringrl-v1.hdf5"
+        assert d.metadata["dataset_version"] == 1 and d.metadata["pick_episodes"] == 2
+        np.testing.assert_allclose(d.metadata["snapshot_sampled_returns"], returns, rtol=1e-12)
+    assert data["expert"].metadata["policy_step"] == run.snapshots[i_expert]["step"]
+    assert data["medium"].metadata["policy_step"] == run.snapshots[i_medium]["step"]
+    assert data["medium"].metadata["ref_max_score"] == pytest.approx(data["expert"].returns.mean())
+    # Version 0 files are a different collection: a v1 rerun with other pick settings is refused.
+    assert "dataset_version" not in load_d4rl(v0_paths["medium"]).metadata
+    with pytest.raises(ValueError, match="made by another collection.*pick_episodes"):
+        sac_collect.collect_datasets(ENV, STEPS, str(tmp_path), version=1, pick_episodes=3, **kw)
+    with pytest.raises(ValueError, match="dataset version 2 is not one of"):
+        sac_collect.collect_datasets(ENV, STEPS, str(tmp_path), version=2, **kw)
+    rows = sac_collect.behaviour_scores(ENV, str(tmp_path), episodes=2, version=1)
+    assert {r["level"]: r["policy_step"] for r in rows} == {
+        "medium": run.snapshots[i_medium]["step"],
+        "expert": run.snapshots[i_expert]["step"],
+    }
+    with pytest.raises(ValueError, match="no set .*ringrl-v1.hdf5; fix: run `ringrl-collect"):
+        sac_collect.behaviour_scores(ENV, out, episodes=2, version=1)
+    table = generate.dataset_table(str(tmp_path), version=1).splitlines()
+    assert len(table) == 2 + 5 and all("ringrl-v1" in row for row in table[2:])
+    with pytest.raises(ValueError, match=r"no generated sets \(\*-\*-ringrl-v0.hdf5\)"):
+        generate.dataset_table(str(tmp_path), version=0)
