@@ -50,7 +50,7 @@ CHECKPOINT_VERSION = 1
 # Version 0 took an unstable final snapshot as Hopper's expert (deterministic play 31% of its
 # sampled play) and a medium from a deterministic score the sampled rollouts did not match
 # (Hopper's medium set at 13% of the expert set).
-DATASET_VERSIONS = (0, 1)
+DATASET_VERSIONS = generate.DATASET_VERSIONS
 PICK_EPISODES = 50
 PICK_SEED = 50_000  # + the run seed: the picks' environment seeds (no set, eval or agent uses them)
 
@@ -167,11 +167,21 @@ def load_checkpoint(path: str) -> SACRun:
     )
 
 
-def _evaluate(sac: SAC, env_id: str, actor_params: Any, episodes: int, seed: int) -> float:
+def _evaluate(
+    sac: SAC,
+    env_id: str,
+    actor_params: Any,
+    episodes: int,
+    seed: int,
+    *,
+    deterministic: bool = True,
+    num_envs: int | None = None,
+) -> float:
+    """Mean return of one policy over `episodes` episodes (`num_envs` None: all at once)."""
     space = gym.make(env_id).action_space
-    policy = sac.policy(actor_params, space.low, space.high, deterministic=True)
+    policy = sac.policy(actor_params, space.low, space.high, deterministic=deterministic)
     eps = generate.rollout_episodes(
-        env_id, policy, num_episodes=episodes, seed=seed, num_envs=episodes
+        env_id, policy, num_episodes=episodes, seed=seed, num_envs=num_envs or episodes
     )
     return float(np.mean([ep["rewards"].sum(dtype=np.float64) for ep in eps]))
 
@@ -351,13 +361,12 @@ def sampled_returns(run: SACRun, episodes: int, seed: int, progress: bool = True
     """Mean return of every snapshot of `run` over `episodes` episodes with sampled actions
     (environment seeds from `seed`, the same for every snapshot)."""
     sac = get_sac(run.buffer["observations"].shape[1], run.buffer["actions"].shape[1], run.config)
-    space = gym.make(run.env_id).action_space
-    out = []
-    for snap in tqdm(run.snapshots, desc="snapshots (sampled actions)", disable=not progress):
-        policy = sac.policy(snap["actor_params"], space.low, space.high, deterministic=False)
-        eps = generate.rollout_episodes(run.env_id, policy, num_episodes=episodes, seed=seed)
-        out.append(float(np.mean([ep["rewards"].sum(dtype=np.float64) for ep in eps])))
-    return out
+    return [
+        _evaluate(
+            sac, run.env_id, snap["actor_params"], episodes, seed, deterministic=False, num_envs=8
+        )
+        for snap in tqdm(run.snapshots, desc="snapshots (sampled actions)", disable=not progress)
+    ]
 
 
 def _existing(path: str, expected: dict[str, Any]) -> Trajectories | None:

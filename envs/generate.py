@@ -257,6 +257,10 @@ def describe_histories(data: Trajectories) -> str:
     )
 
 
+# Versions of the generated MuJoCo sets (how their policies are picked: agents/sac_collect.py).
+DATASET_VERSIONS = (0, 1)
+
+
 def dataset_prefix(env_id: str) -> str:
     """ "Hopper-v5" -> "hopper" (the D4RL file-name prefix)."""
     return re.sub(r"-v\d+$", "", env_id.split("/")[-1]).lower()

@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown dataset kind {args.kind!r}; valid: {', '.join(commands)}")
     args.version_given = args.version
     args.version = 0 if args.version is None else args.version
-    if args.version not in (0, 1):
-        fail(f"--version must be 0 or 1, got {args.version}")
+    if args.version not in generate.DATASET_VERSIONS:
+        fail(f"--version must be one of {generate.DATASET_VERSIONS}, got {args.version}")
     try:
         commands[args.kind](args)
     except ValueError as err:  # library errors already name the problem and the fix
