@@ -10,7 +10,10 @@ Dimension letters: B batch or environments, K steps per window, k = 3 tokens per
   episode runs.
 * Sampler (`WindowSampler`): one K-step window of one trajectory, drawn in proportion to episode
   length; the target token is the return-to-go (undiscounted sum of the episode's remaining
-  rewards).
+  rewards). With `top_fraction` < 1 only the highest-return episodes holding that fraction of
+  the steps are drawn (Chen et al.'s percentile behaviour cloning, %BC, with the return-to-go
+  zeroed by `model.return_scale = 0`: configs/dt_d4rl.py `bc=0.1`); the state normaliser still
+  uses every episode, as the reference code does.
 * Actor (`make_actor`, `WindowActor`): at every step the backbone runs over the last K steps of
   the current attempt only, laid out exactly as a training window (timesteps from the window's
   first step, padding after the current step). A KV cache cannot do this: cached keys of a
@@ -99,15 +102,20 @@ class WindowSampler(ContextSampler):
       seed: seed of the numpy generator.
     """
 
-    def __init__(self, trajectories: Any, *, context_steps: int, seed: int = 0):
+    def __init__(
+        self, trajectories: Any, *, context_steps: int, seed: int = 0, top_fraction: float = 1.0
+    ):
         super().__init__(trajectories, seed=seed)
         if context_steps is None or int(context_steps) < 1:
             raise ValueError(
                 f"DT needs context_steps >= 1 (the K-step window); got {context_steps}"
             )
         self.context_steps = self.horizon = int(context_steps)
+        returns = np.array([self.episode_return(e, n) for e, n in enumerate(self._lengths)])
+        self.drawn = top_episodes(returns, self._lengths, top_fraction)
         # Windows are drawn in proportion to episode length (as in the reference code).
-        self._p = self._lengths / self._lengths.sum()
+        lengths = np.where(self.drawn, self._lengths, 0)
+        self._p = lengths / lengths.sum()
 
     def fill(self, out: dict[str, np.ndarray], i: int) -> None:
         """A window from a random step of a random episode; shorter at the episode's end."""
@@ -125,9 +133,35 @@ class WindowSampler(ContextSampler):
             out["truncated"][i, ln - 1] = 1.0 - out["terminated"][i, ln - 1]
 
 
-def make_sampler(trajectories: Any, *, context_steps: int, seed: int) -> WindowSampler:
-    """The DT sampler: K-step windows with return-to-go targets."""
-    return WindowSampler(trajectories, context_steps=context_steps, seed=seed)
+def top_episodes(returns: np.ndarray, lengths: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask [E] of the highest-return episodes whose lengths add up to at most `fraction` of all
+    steps, taken best first (at least the best one; equal returns: the earlier episode first),
+    as the reference code's `pct_traj`.
+
+    Raises:
+      ValueError: `fraction` outside (0, 1].
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"top_fraction={fraction!r} must be in (0, 1] (1: every episode)")
+    lengths = np.asarray(lengths, np.int64)
+    order = np.argsort(-np.asarray(returns, np.float64), kind="stable")
+    budget = max(int(fraction * lengths.sum()), 1)
+    keep = np.cumsum(lengths[order]) <= budget
+    keep[0] = True
+    keep = np.logical_and.accumulate(keep)  # stop at the first episode that does not fit
+    mask = np.zeros(len(lengths), bool)
+    mask[order[keep]] = True
+    return mask
+
+
+def make_sampler(
+    trajectories: Any, *, context_steps: int, seed: int, top_fraction: float = 1.0
+) -> WindowSampler:
+    """The DT sampler: K-step windows with return-to-go targets (from the best `top_fraction`
+    of the steps, by episode return)."""
+    return WindowSampler(
+        trajectories, context_steps=context_steps, seed=seed, top_fraction=top_fraction
+    )
 
 
 def sampler_for(
@@ -143,7 +177,12 @@ def sampler_for(
             f"config.data.num_trajectories={config.data.num_trajectories}: DT packs one trajectory "
             "window per context; set it to 1"
         )
-    return make_sampler(trajectories, context_steps=config.data.context_steps, seed=seed)
+    return make_sampler(
+        trajectories,
+        context_steps=config.data.context_steps,
+        seed=seed,
+        top_fraction=config.data.get("top_fraction", 1.0),
+    )
 
 
 class WindowActor:

@@ -85,6 +85,17 @@ def validate(
         _int_at_least(errors, "data.num_trajectories", d.num_trajectories, 1)
         if isinstance(d.num_trajectories, int) and isinstance(d.horizon, int):
             steps = d.num_trajectories * d.horizon if d.num_trajectories >= 1 else None
+    top = d.get("top_fraction", 1.0)
+    if isinstance(top, bool) or not isinstance(top, int | float) or not 0 < top <= 1:
+        errors.append(
+            f"config.data.top_fraction={top!r} must be in (0, 1] (the best episodes' share of "
+            "the steps that DT draws windows from; 1: all)"
+        )
+    elif top != 1 and d.mode != "dt":
+        errors.append(
+            f"config.data.top_fraction={top!r} is DT's (%BC); mode {d.mode!r} reads every "
+            "episode: set it to 1"
+        )
     if d.mode in AGENTS:
         try:  # the agent's own fields (tokens per step, target rule), the same check as eval's
             check_config(c)

@@ -34,7 +34,7 @@ import ml_collections
 
 from ringrl.configs import at_d4rl, common, dt_d4rl
 
-AGENTS = ("dt", "at")
+AGENTS = ("dt", "at", "bc")
 
 
 def data_path(folder: str, name: str, version: int = 0) -> str:
@@ -54,15 +54,22 @@ def eval_target(suite, name: str, agent: str, target: str) -> float:
 def cell(
     config: ml_collections.ConfigDict, name: str, agent: str, n: int, seed: int
 ) -> ml_collections.ConfigDict:
-    """The run of one table cell: `agent` ("dt" or "at" with n trajectories) on set `name`."""
+    """The run of one table cell: `agent` on set `name`: "dt", "at" with n trajectories, or
+    "bc", Chen et al.'s percentile behaviour cloning (DT's transformer with returns-to-go zeroed,
+    trained on the best `suite.bc_fraction` of the set's steps by episode return)."""
     if agent not in AGENTS:
         raise ValueError(f"suite agent must be one of {AGENTS}, got {agent!r}")
     s = config.suite
     path = data_path(s.data, name, s.data_version)
     smoke = ",smoke" if s.smoke else ""
-    if agent == "dt":
-        out = dt_d4rl.get_config(f"path={path},target={s.target}{smoke}")
-        out.name = f"dt_{name}_seed{seed}"
+    if agent in ("dt", "bc"):
+        bc = f",bc={s.bc_fraction}" if agent == "bc" else ""
+        out = dt_d4rl.get_config(f"path={path},target={s.target}{bc}{smoke}")
+        out.name = (
+            f"dt_{name}_seed{seed}"
+            if agent == "dt"
+            else f"bc{round(100 * s.bc_fraction)}_{name}_seed{seed}"
+        )
         per_step = s.dt_batch
     else:
         if s.trajectories_per_step % n:
@@ -102,8 +109,8 @@ def cell(
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Args: set, agent ("dt" or "at"), n, seed (one cell, for ringrl-train), data (folder of the
-    sets), version (of the sets: ringrl-collect mujoco --version), smoke."""
+    """Args: set, agent ("dt", "at" or "bc"), n, seed (one cell, for ringrl-train), data (folder
+    of the sets), version (of the sets: ringrl-collect mujoco --version), smoke."""
     arg = common.parse_arg(
         arg,
         set="hopper-medium-replay",
@@ -122,6 +129,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data_version=arg.version,
         # DT only, e.g. ("hopper-medium", "walker2d-medium") (not run for the README table).
         dt_sets=(),
+        # %BC cells (agent "bc") on these sets, e.g. ("hopper-medium",): Chen et al.'s baseline,
+        # DT's transformer without returns-to-go, trained on the best `bc_fraction` of the steps.
+        bc_sets=(),
+        bc_fraction=0.1,
         sets=(
             "hopper-medium-replay",
             "hopper-medium-expert",
@@ -159,6 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             trajectories_per_step=4,
             dt_batch=8,
             dt_sets=(),
+            bc_sets=(),
             ablation_sets=("hopper-medium-replay",),
             episodes=2,
             at_n=2,

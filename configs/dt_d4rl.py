@@ -60,8 +60,11 @@ def target_return(env: str, path: str, target: str) -> float:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Args: env (D4RL dataset name), path (HDF5 file; wins over env), target ("high", "low" or
-    a number: the evaluation target return), smoke."""
-    arg = common.parse_arg(arg, env="hopper-medium-replay-v2", path="", target="high", smoke=False)
+    a number: the evaluation target return), bc (0: DT; e.g. 0.1: Chen et al.'s 10%BC, the same
+    transformer with returns-to-go zeroed, trained on the best 10% of the steps), smoke."""
+    arg = common.parse_arg(
+        arg, env="hopper-medium-replay-v2", path="", target="high", bc=0.0, smoke=False
+    )
     config = ml_collections.ConfigDict()
     config.name = "dt_d4rl"  # default workdir runs/<name>
     config.seed = 0  # model init and batch sampling
@@ -78,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_trajectories=1,  # DT reads one trajectory
         horizon=1000,  # longest episode (MuJoCo time limit): timestep-embedding rows
         context_steps=20,  # K, steps per window (DT paper: 20)
+        top_fraction=1.0,  # windows from the best episodes holding this share of the steps (%BC)
     )
     config.model = dict(
         embed_dim=128,  # width W
@@ -113,6 +117,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.wandb = dict(mode="offline", project="ringrl")  # "offline" | "online" | "disabled"
     config.mesh = (("data", -1), ("seq", 1))  # -1: all remaining devices
 
+    if arg.bc:  # percentile behaviour cloning: no return conditioning, the best episodes only
+        config.name = "bc_d4rl"
+        config.data.top_fraction = float(arg.bc)
+        config.model.return_scale = 0.0
     if arg.smoke:  # a few CPU seconds; tests/test_configs.py
         common.shrink_for_smoke(config)
         config.data.context_steps = 4

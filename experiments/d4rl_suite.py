@@ -37,7 +37,7 @@ DEFAULT_CONFIG = cli.packaged_config("d4rl_suite")
 
 def cells(suite) -> list[tuple[str, str, int, int]]:
     """(set, agent, n, seed) of every run, in the order they are trained: the DT/AT table first,
-    then the ablation's other ns, then DT on the DT-only sets."""
+    then the ablation's other ns, then DT on the DT-only sets, then %BC on `suite.bc_sets`."""
     out = []
     for name in suite.sets:
         for seed in suite.seeds:
@@ -48,6 +48,7 @@ def cells(suite) -> list[tuple[str, str, int, int]]:
                 if (name, "at", n, seed) not in out:
                     out.append((name, "at", n, seed))
     out += [(name, "dt", 1, seed) for name in suite.dt_sets for seed in suite.seeds]
+    out += [(name, "bc", 1, seed) for name in suite.bc_sets for seed in suite.seeds]
     return out
 
 
@@ -132,7 +133,8 @@ def select_targets(base, root: str, evals: dict) -> dict:
 
     Every cell is evaluated at every candidate on `suite.episodes` validation environments
     (seeds: the cell's test seed + `suite.valid_seed`); the candidate with the best mean over
-    seeds (DT: whole episodes; AT: best attempt at the cap) wins, ties to the first. Returns
+    seeds (DT: whole episodes; AT: best attempt at the cap) wins, ties to the first; %BC cells
+    keep `suite.target` (their return-to-go input is zeroed). Returns
     (set, agent, n) -> {"target", "valid": {candidate: mean validation score}}; test episodes
     at a candidate other than `suite.target` are eval_test_<target>.json (DT at the cap:
     eval_cap_<target>.json).
@@ -148,7 +150,8 @@ def select_targets(base, root: str, evals: dict) -> dict:
         )
     by_group = {}
     for key in evals:
-        by_group.setdefault((key[0], key[1], key[2]), []).append(key)
+        if key[1] != "bc":  # %BC reads no return-to-go: no target to choose
+            by_group.setdefault((key[0], key[1], key[2]), []).append(key)
     chosen = {}
     for group, keys in by_group.items():
         name, agent, _ = group
@@ -231,6 +234,21 @@ def main(argv: list[str]) -> None:
             row["at_best_cap"] = scores(at, cut, "best")
             row["at_last_cap"] = scores(at, cut, "last")
         table.append(row)
+    bc_rows = []
+    for name in suite.bc_sets:
+        full = references(suite.data, family_of(name), None, suite.data_version)
+        dt_row = next((r for r in table if r["set"] == name), None)
+        bc_rows.append(
+            {
+                "set": name,
+                "data": data_scores(suite.data, name, suite.cap, suite.data_version),
+                "bc": scores([evals[(name, "bc", 1, s)] for s in seeds], full),
+                "bc_length": float(
+                    np.mean([evals[(name, "bc", 1, s)]["length_mean"][0] for s in seeds])
+                ),
+                "dt": dt_row["dt"] if dt_row else None,
+            }
+        )
     ablations = {}
     for name in suite.ablation_sets:
         cut = references(suite.data, family_of(name), suite.cap, suite.data_version)
@@ -287,6 +305,27 @@ def main(argv: list[str]) -> None:
                 else "- | - |"
             )
         )
+    if bc_rows:
+        pct = round(100 * suite.bc_fraction)
+        print(
+            f"\n{pct}%BC (DT's transformer, returns-to-go zeroed, trained on the best {pct}% of "
+            "the steps by episode return) against DT, whole episodes, the same seeds and episodes:"
+        )
+        print(
+            f"| set | data mean | data best 10% | {pct}%BC | DT | DT - {pct}%BC | 90% of {pct}%BC |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for row in bc_rows:
+            d, bc, dt = row["data"], row["bc"], row["dt"]
+            diff = (
+                f"{dt['mean'] - bc['mean']:+.1f} ± {np.hypot(dt['se'], bc['se']):.1f}"
+                if dt
+                else "-"
+            )
+            print(
+                f"| {row['set']} | {d['mean']:.1f} | {d['best10']:.1f} | {fmt(bc)} | "
+                f"{fmt(dt) if dt else '-'} | {diff} | {0.9 * bc['mean']:.1f} |"
+            )
     if chosen:
         print("\ntarget chosen on validation episodes (mean validation score of each candidate):")
         for (name, agent, n), c in chosen.items():
@@ -313,6 +352,7 @@ def main(argv: list[str]) -> None:
         json.dump(
             {
                 "table": table,
+                "bc": bc_rows,
                 "ablations": ablations,
                 "suite": suite.to_dict(),
                 "devices": devices,  # of this invocation; each eval_*.json records its own

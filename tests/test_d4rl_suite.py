@@ -58,6 +58,29 @@ def test_cells_share_schedule_and_data_per_step():
         d4rl_suite.cell(base, "hopper-medium-replay", "at", 3, 0)
     cells = runner.cells(s)
     assert len(cells) == len(set(cells)) == 2 * 4 * 3 + 2 * 3 * 3
+    # %BC: DT's cell (data, schedule, backbone, evaluation) on the best 10% of the steps, with
+    # the return-to-go input zeroed; the only differences are those two fields and the name.
+    bc = d4rl_suite.cell(base, "walker2d-medium-expert", "bc", 1, 2)
+    assert bc.name == "bc10_walker2d-medium-expert_seed2"
+    assert (bc.data.top_fraction, bc.model.return_scale) == (0.1, 0.0)
+    assert (dt.data.top_fraction, dt.model.return_scale) == (1.0, 0.001)
+    a, b = _flat(dt), _flat(bc)
+    assert a.keys() == b.keys()
+    assert {k for k in a if a[k] != b[k]} == {"name", "data.top_fraction", "model.return_scale"}
+    with base.unlocked():
+        base.suite.bc_sets = ("hopper-medium",)
+    assert runner.cells(base.suite)[-3:] == [("hopper-medium", "bc", 1, seed) for seed in (0, 1, 2)]
+
+
+def _flat(config, prefix=""):
+    """{dotted key: value} of a config's leaves."""
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _tiny_set(path: str, rng: np.random.Generator, reward: float, episodes: int) -> None:
@@ -179,3 +202,27 @@ def test_suite_chooses_the_target_on_validation_episodes_and_reports_test_ones(s
     chosen = test if best == "high" else json.load(open(cell / f"eval_test_{best}.json"))
     assert chosen["seed"] == test["seed"]
     assert row["dt"]["values"] == pytest.approx([runner.run_score(chosen, ref)])
+
+
+def test_suite_runs_percentile_bc_beside_dt(suite_run):
+    """suite.bc_sets: %BC cells beside DT's, reported in their own table with DT's score."""
+    data, work, proc = suite_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = _suite(
+        data,
+        work,
+        "--config.suite.sets=()",
+        "--config.suite.ablation_sets=()",
+        "--config.suite.dt_sets=('hopper-medium-replay',)",
+        "--config.suite.bc_sets=('hopper-medium-replay',)",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    trained = [line for line in out.stdout.splitlines() if line.startswith("== ")]
+    assert len(trained) == 1 and "bc10_hopper-medium-replay_seed0" in trained[0]  # DT's reused
+    assert "10%BC (DT's transformer" in out.stdout
+    result = json.load(open(work / "d4rl_suite.json"))
+    (row,) = result["bc"]
+    ref = runner.references(str(data), "hopper")
+    bc = json.load(open(work / "bc10_hopper-medium-replay_seed0" / "eval.json"))
+    assert row["bc"]["values"] == pytest.approx([runner.run_score(bc, ref)])
+    assert row["dt"] == result["table"][0]["dt"]

@@ -70,6 +70,27 @@ def test_validate_names_the_field(fields, expected):
     assert len(errors) == 1 and errors[0].startswith(expected), errors
 
 
+@pytest.mark.parametrize(
+    "config_arg, top, expected",
+    [
+        ("smoke", 0.0, "config.data.top_fraction=0.0 must be in (0, 1]"),
+        ("smoke", 1.5, "config.data.top_fraction=1.5 must be in (0, 1]"),
+        ("smoke,bc=0.1", 0.1, None),
+    ],
+)
+def test_top_fraction_is_checked(config_arg, top, expected):
+    errors = _errors(dt_d4rl.get_config(config_arg), data__top_fraction=top)
+    assert errors == [] if expected is None else errors[0].startswith(expected), errors
+
+
+def test_top_fraction_is_dt_only():
+    config = at_darkroom.get_config("smoke")
+    with config.unlocked():
+        config.data.top_fraction = 0.1
+    (err,) = validate.validate(config, devices=jax.devices()[:8])
+    assert err.startswith("config.data.top_fraction=0.1 is DT's (%BC); mode 'at' reads every")
+
+
 def test_validate_mesh_divisibility():
     # Batch 6 on 4 data devices; a seq axis of 3 does not divide 2 trajectories x 20 steps.
     config = at_darkroom.get_config("smoke")
