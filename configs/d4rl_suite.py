@@ -44,10 +44,14 @@ def data_path(folder: str, name: str, version: int = 0) -> str:
 
 
 def eval_target(suite, name: str, agent: str, target: str) -> float:
-    """The evaluation target return of `agent` on set `name` for `target` ("high", "low" or a
-    number): the paper's value for the task (configs/dt_d4rl.py) for DT's whole episodes, scaled
-    to the cap (target * cap / 1000) for AT's episodes of `suite.cap` steps."""
-    value = dt_d4rl.target_return("", data_path(suite.data, name, suite.data_version), target)
+    """The evaluation target return of `agent` on set `name` for `target` ("high", "low", "max"
+    or a number): the paper's value for the task (configs/dt_d4rl.py) for DT's whole episodes,
+    scaled to the cap (target * cap / 1000) for AT's episodes of `suite.cap` steps; "max" the
+    set's highest episode return, over whole episodes for DT and cut at the cap for AT."""
+    path = data_path(suite.data, name, suite.data_version)
+    if target == dt_d4rl.DATA_TARGET:
+        return dt_d4rl.data_max_return(path, None if agent == "dt" else suite.cap)
+    value = dt_d4rl.target_return("", path, target)
     return value if agent == "dt" else value * suite.cap / 1000.0
 
 
@@ -150,8 +154,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=800,  # train steps of every cell
         lr=6e-4,  # peak AdamW learning rate of every cell
         reward_scale=0.3,  # AT's reward input scale (MuJoCo rewards are ~1-5 per step)
-        target="high",  # the paper's target return per task ("high", "low" or a number)
-        # Candidate targets, e.g. ("high", "low"): each cell is evaluated at every one on
+        # The evaluation target return: "high" or "low" (the paper's per task), "max" (the set's
+        # highest episode return) or a number.
+        target="high",
+        # Candidate targets, e.g. ("high", "low", "max"): each cell is evaluated at every one on
         # validation episodes (env seeds = the test seed + valid_seed), and each (set, agent, n)
         # is reported on the test episodes at the candidate whose validation mean over seeds is
         # best. () = `target` only, no validation episodes.

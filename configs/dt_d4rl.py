@@ -4,6 +4,7 @@ r"""Decision Transformer on a D4RL-schema dataset (a real D4RL file or one we ge
   ringrl-train --config configs/dt_d4rl.py:path=data/hopper-medium-replay-ringrl-v0.hdf5 \
       --workdir runs/dt_hopper
   ringrl-train --config configs/dt_d4rl.py:env=hopper-medium-v2,target=low   # by name
+  ringrl-train --config configs/dt_d4rl.py:env=hopper-medium-v2,bc=0.1        # 10%BC
 
 The settings of Chen et al. 2021 (their gym/experiment.py): K = 20 steps, 3 layers of width 128,
 1 head, relu FFN, dropout 0.1, LayerNorm on the token embeddings, states normalised by the data's
@@ -12,6 +13,11 @@ batch 64, 100k steps, gradient clipping 0.25, evaluation on whole 1000-step epis
 target return of the task: Hopper 3600 (low 1800), Walker2d 5000 (2500), HalfCheetah 12000
 (6000). Differences: after the warmup the learning rate decays (cosine) instead of staying
 constant, and attention probabilities are not dropped (ring attention never forms them).
+
+`bc=0.1` is the paper's percentile behaviour cloning baseline (10%BC): windows only from the
+best-return episodes holding 10% of the steps, and no return conditioning. Chen et al.'s BC is an
+MLP over the last K states; here it is this same transformer with the return-to-go input zeroed
+(`model.return_scale = 0`), so DT and %BC differ only in the data drawn and the conditioning.
 """
 
 import os
@@ -27,6 +33,19 @@ DT_TARGETS = {
     "halfcheetah": (12000.0, 6000.0),
 }
 TARGET_CHOICES = ("high", "low")
+DATA_TARGET = "max"  # the highest episode return in the data file
+
+
+def data_max_return(path: str, cap: int | None = None) -> float:
+    """The highest episode return in the D4RL-schema file at `path` (each episode cut at its
+    first `cap` steps if given); NaN when the file does not exist yet (its loader's error comes
+    first)."""
+    if not path or not os.path.exists(path):
+        return float("nan")
+    from ringrl.envs.datasets import load_d4rl
+
+    data = load_d4rl(path)
+    return float((data.returns if cap is None else data.returns_within(cap)).max())
 
 
 def task_family(env: str, path: str) -> str:
@@ -37,20 +56,26 @@ def task_family(env: str, path: str) -> str:
 
 
 def target_return(env: str, path: str, target: str) -> float:
-    """The evaluation target return that `target` ("high", "low" or a number) picks for the data.
+    """The evaluation target return that `target` ("high", "low", "max" or a number) picks for
+    the data: the paper's high or low target of the task, the highest episode return in the file
+    at `path`, or the number.
 
-    NaN for a named target of a task without a table entry: the data may not exist yet (its own
-    error comes first), so `agents.dt.check_eval_context` refuses it before training instead.
+    NaN for a named target of a task without a table entry, or "max" without the file: the data
+    may not exist yet (its own error comes first), so `agents.dt.check_eval_context` refuses it
+    before training instead.
 
     Raises:
       ValueError: an unparsable target.
     """
+    if target == DATA_TARGET:
+        return data_max_return(path)
     if target not in TARGET_CHOICES:
         try:
             return float(target)
         except ValueError:
             raise ValueError(
-                f"config arg target={target!r} must be one of {TARGET_CHOICES} or a number"
+                f"config arg target={target!r} must be one of "
+                f"{(*TARGET_CHOICES, DATA_TARGET)} or a number"
             ) from None
     family = task_family(env, path)
     if family not in DT_TARGETS:

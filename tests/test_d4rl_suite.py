@@ -226,3 +226,23 @@ def test_suite_runs_percentile_bc_beside_dt(suite_run):
     bc = json.load(open(work / "bc10_hopper-medium-replay_seed0" / "eval.json"))
     assert row["bc"]["values"] == pytest.approx([runner.run_score(bc, ref)])
     assert row["dt"] == result["table"][0]["dt"]
+
+
+def test_max_target_is_the_sets_best_episode(tmp_path):
+    """target "max": the set's highest episode return (cut at the cap for AT's episodes)."""
+    from ringrl.configs import dt_d4rl
+    from ringrl.envs.datasets import load_d4rl
+
+    path = tmp_path / "hopper-medium-replay-ringrl-v0.hdf5"
+    _tiny_set(str(path), np.random.default_rng(1), 0.5, 12)
+    data = load_d4rl(str(path))
+    suite = d4rl_suite.get_config(f"smoke,data={tmp_path}").suite
+    best = float(data.returns.max())
+    assert d4rl_suite.eval_target(suite, "hopper-medium-replay", "dt", "max") == best
+    assert d4rl_suite.eval_target(suite, "hopper-medium-replay", "at", "max") == float(
+        data.returns_within(suite.cap).max()
+    )
+    assert dt_d4rl.get_config(f"path={path},target=max").eval.target_return == best
+    assert np.isnan(dt_d4rl.target_return("", str(tmp_path / "absent.hdf5"), "max"))
+    with pytest.raises(ValueError, match=r"one of \('high', 'low', 'max'\) or a number"):
+        dt_d4rl.target_return("", str(path), "best")
