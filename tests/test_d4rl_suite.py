@@ -98,6 +98,14 @@ def _tiny_set(path: str, rng: np.random.Generator, reward: float, episodes: int)
     ).save(path)
 
 
+# DT on the tiny medium-replay set alone: no DT/AT table sets, no ablation.
+DT_ONLY = (
+    "--config.suite.sets=()",
+    "--config.suite.ablation_sets=()",
+    "--config.suite.dt_sets=('hopper-medium-replay',)",
+)
+
+
 def _suite(data, work, *overrides):
     """ringrl-d4rl's smoke suite on the tiny sets in `data`, in a subprocess (absl flags)."""
     return subprocess.run(
@@ -162,9 +170,7 @@ def test_suite_with_dt_sets_only_writes_the_table_without_a_plot(suite_run):
     only_dt = _suite(
         data,
         work,
-        "--config.suite.sets=()",
-        "--config.suite.ablation_sets=()",
-        "--config.suite.dt_sets=('hopper-medium-replay',)",
+        *DT_ONLY,
     )
     assert only_dt.returncode == 0, only_dt.stderr[-2000:]
     assert "== " not in only_dt.stdout  # the smoke run's DT cell is reused
@@ -178,25 +184,22 @@ def test_suite_chooses_the_target_on_validation_episodes_and_reports_test_ones(s
     test ones; the table reports the test episodes at the candidate best on validation."""
     data, work, proc = suite_run
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = _suite(
-        data,
-        work,
-        "--config.suite.sets=()",
-        "--config.suite.ablation_sets=()",
-        "--config.suite.dt_sets=('hopper-medium-replay',)",
-        "--config.suite.targets=('high','low')",
-    )
+    from ringrl.envs.datasets import load_d4rl
+
+    candidates = ("high", "low", "max")
+    out = _suite(data, work, *DT_ONLY, f"--config.suite.targets={candidates}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "== " not in out.stdout and "target chosen on validation episodes" in out.stdout
     cell = work / "dt_hopper-medium-replay_seed0"
     test = json.load(open(cell / "eval.json"))
-    valid = {t: json.load(open(cell / f"eval_valid_{t}.json")) for t in ("high", "low")}
-    assert [valid[t]["target_returns"] for t in ("high", "low")] == [[3600.0], [1800.0]]
-    assert valid["high"]["seed"] == valid["low"]["seed"] == test["seed"] + 500
+    valid = {t: json.load(open(cell / f"eval_valid_{t}.json")) for t in candidates}
+    data_max = load_d4rl(str(data / "hopper-medium-replay-ringrl-v0.hdf5")).returns.max()
+    assert [valid[t]["target_returns"] for t in candidates] == [[3600.0], [1800.0], [data_max]]
+    assert {valid[t]["seed"] for t in candidates} == {test["seed"] + 500}
     ref = runner.references(str(data), "hopper")
     scores = {t: runner.run_score(v, ref) for t, v in valid.items()}
     (row,) = json.load(open(work / "d4rl_suite.json"))["table"]
-    best = max(("high", "low"), key=lambda t: scores[t])
+    best = max(candidates, key=lambda t: scores[t])
     assert row["dt_target"]["target"] == best
     assert row["dt_target"]["valid"] == pytest.approx(scores)
     chosen = test if best == "high" else json.load(open(cell / f"eval_test_{best}.json"))
@@ -208,14 +211,7 @@ def test_suite_runs_percentile_bc_beside_dt(suite_run):
     """suite.bc_sets: %BC cells beside DT's, reported in their own table with DT's score."""
     data, work, proc = suite_run
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = _suite(
-        data,
-        work,
-        "--config.suite.sets=()",
-        "--config.suite.ablation_sets=()",
-        "--config.suite.dt_sets=('hopper-medium-replay',)",
-        "--config.suite.bc_sets=('hopper-medium-replay',)",
-    )
+    out = _suite(data, work, *DT_ONLY, "--config.suite.bc_sets=('hopper-medium-replay',)")
     assert out.returncode == 0, out.stderr[-2000:]
     trained = [line for line in out.stdout.splitlines() if line.startswith("== ")]
     assert len(trained) == 1 and "bc10_hopper-medium-replay_seed0" in trained[0]  # DT's reused
