@@ -307,13 +307,12 @@ def main(argv: list[str]) -> None:
         )
     if bc_rows:
         pct = round(100 * suite.bc_fraction)
+        label = "BC" if pct == 100 else f"{pct}%BC"
         print(
-            f"\n{pct}%BC (DT's transformer, returns-to-go zeroed, trained on the best {pct}% of "
+            f"\n{label} (DT's transformer, returns-to-go zeroed, trained on the best {pct}% of "
             "the steps by episode return) against DT, whole episodes, the same seeds and episodes:"
         )
-        print(
-            f"| set | data mean | data best 10% | {pct}%BC | DT | DT - {pct}%BC | 90% of {pct}%BC |"
-        )
+        print(f"| set | data mean | data best 10% | {label} | DT | DT - {label} | 90% of {label} |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for row in bc_rows:
             d, bc, dt = row["data"], row["bc"], row["dt"]
