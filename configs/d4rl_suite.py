@@ -19,6 +19,10 @@ What every cell shares, so that DT and AT differ only in what they read:
   `suite.trajectories_per_step` / n contexts of n trajectories of `suite.cap` steps, one token
   each: 8 x 256 = 2048 steps and tokens for every n (an AT step costs ~1.6x a DT step here).
 
+`suite.bc_sets` adds Chen et al.'s percentile behaviour cloning beside DT (agent "bc"): DT's cell
+with the return-to-go input zeroed, trained on the best-return episodes holding
+`suite.bc_fraction` of the steps.
+
 How they differ:
 - DT reads a window of K = 20 steps (3 tokens each) and is evaluated on whole 1000-step episodes
   from the paper's target return (the faithful protocol), and again truncated at the cap;

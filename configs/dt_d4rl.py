@@ -84,9 +84,10 @@ def target_return(env: str, path: str, target: str) -> float:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Args: env (D4RL dataset name), path (HDF5 file; wins over env), target ("high", "low" or
-    a number: the evaluation target return), bc (0: DT; e.g. 0.1: Chen et al.'s 10%BC, the same
-    transformer with returns-to-go zeroed, trained on the best 10% of the steps), smoke."""
+    """Args: env (D4RL dataset name), path (HDF5 file; wins over env), target ("high", "low",
+    "max" or a number: the evaluation target return, `target_return`), bc (0: DT; e.g. 0.1:
+    Chen et al.'s 10%BC, the same transformer with returns-to-go zeroed, trained on the best 10%
+    of the steps), smoke."""
     arg = common.parse_arg(
         arg, env="hopper-medium-replay-v2", path="", target="high", bc=0.0, smoke=False
     )
