@@ -111,7 +111,7 @@ class WindowSampler(ContextSampler):
                 f"DT needs context_steps >= 1 (the K-step window); got {context_steps}"
             )
         self.context_steps = self.horizon = int(context_steps)
-        returns = np.array([self.episode_return(e, n) for e, n in enumerate(self._lengths)])
+        returns = self._cum[self._starts[1:]] - self._cum[self._starts[:-1]]  # [E] episode returns
         self.drawn = top_episodes(returns, self._lengths, top_fraction)
         # Windows are drawn in proportion to episode length (as in the reference code).
         lengths = np.where(self.drawn, self._lengths, 0)
