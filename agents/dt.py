@@ -100,10 +100,20 @@ class WindowSampler(ContextSampler):
       trajectories: an `envs.trajectories.Trajectories`.
       context_steps: K, steps per window.
       seed: seed of the numpy generator.
+      top_fraction: windows only from the best-return episodes holding this share of the steps
+        (`top_episodes`; %BC).
+      episodes: [E] bool, the episodes to draw from instead (diagnostics, e.g. the ones %BC did
+        not see); overrides `top_fraction`.
     """
 
     def __init__(
-        self, trajectories: Any, *, context_steps: int, seed: int = 0, top_fraction: float = 1.0
+        self,
+        trajectories: Any,
+        *,
+        context_steps: int,
+        seed: int = 0,
+        top_fraction: float = 1.0,
+        episodes: np.ndarray | None = None,
     ):
         super().__init__(trajectories, seed=seed)
         if context_steps is None or int(context_steps) < 1:
@@ -111,8 +121,17 @@ class WindowSampler(ContextSampler):
                 f"DT needs context_steps >= 1 (the K-step window); got {context_steps}"
             )
         self.context_steps = self.horizon = int(context_steps)
-        returns = self._cum[self._starts[1:]] - self._cum[self._starts[:-1]]  # [E] episode returns
-        self.drawn = top_episodes(returns, self._lengths, top_fraction)
+        returns = self._cum[self._starts[1:]] - self._cum[self._starts[:-1]]
+        self.episode_returns = returns  # [E]
+        if episodes is None:
+            self.drawn = top_episodes(returns, self._lengths, top_fraction)
+        else:
+            self.drawn = np.asarray(episodes, bool)
+            if self.drawn.shape != returns.shape or not self.drawn.any():
+                raise ValueError(
+                    f"episodes must be a bool mask of shape {returns.shape} with at least one "
+                    f"True; got shape {self.drawn.shape} with {int(self.drawn.sum())} True"
+                )
         # Windows are drawn in proportion to episode length (as in the reference code).
         lengths = np.where(self.drawn, self._lengths, 0)
         self._p = lengths / lengths.sum()

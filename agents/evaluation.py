@@ -3,8 +3,8 @@
 `evaluate_agent` runs an `agents.agent.Agent` through the harness (envs.evaluate.evaluate) on the
 evaluation tasks of the data (held-out or training goals of an in-context task), with the
 random/optimal references of those tasks; `eval_scalars` flattens a result for logging,
-`write_eval` writes it as JSON, and `evaluate_checkpoint` does all of it for a saved run (what
-`ringrl-eval` calls).
+`write_eval` writes it as JSON, `restore_checkpoint` brings back a saved run, and
+`evaluate_checkpoint` does all of it for one (what `ringrl-eval` calls).
 
 Dimension letters: K attempts.
 """
@@ -192,25 +192,23 @@ def write_eval(workdir: str, result: dict[str, Any], name: str = "eval.json") ->
     return path
 
 
-def evaluate_checkpoint(
+def restore_checkpoint(
     workdir: str | os.PathLike,
     *,
     step: int | None = None,
     config: ml_collections.ConfigDict | None = None,
     attempts: int | None = None,
     **eval_overrides: Any,
-) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """Restores a run's checkpoint and evaluates it (what `ringrl-eval` does).
+) -> tuple[ml_collections.ConfigDict, Agent, Any, Data]:
+    """Restores a run's checkpoint: (its stored config with `eval_overrides`, the Agent, the
+    trained params, the data it trained on).
 
     Args:
       workdir: the run directory (with checkpoints/).
       step: checkpoint step (default: latest).
       config: if given, must agree with the stored config in the model/data groups.
-      attempts: attempts per environment (default: the stored config.eval.attempts).
+      attempts: attempts per environment the model must hold (default: config.eval.attempts).
       **eval_overrides: config.eval fields to change (tasks, seed, num_envs, env_id, ...).
-
-    Returns:
-      (the config used, the evaluation result).
 
     Raises:
       FileNotFoundError: no checkpoint. ValueError: a config mismatch, an unknown env id, too
@@ -240,4 +238,21 @@ def evaluate_checkpoint(
         state, _ = ckpt.restore(agent.init_state(jax.random.key(stored.seed)), step=step)
     finally:
         ckpt.close()
-    return stored, evaluate_agent(stored, agent, state.params, data, attempts=attempts)
+    return stored, agent, state.params, data
+
+
+def evaluate_checkpoint(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    attempts: int | None = None,
+    **eval_overrides: Any,
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """Restores a run's checkpoint (`restore_checkpoint`, same arguments and errors) and evaluates
+    it (what `ringrl-eval` does): (the config used, the evaluation result)."""
+    stored, agent, params, data = restore_checkpoint(
+        workdir, step=step, config=config, attempts=attempts, **eval_overrides
+    )
+    attempts = stored.eval.attempts if attempts is None else attempts
+    return stored, evaluate_agent(stored, agent, params, data, attempts=attempts)

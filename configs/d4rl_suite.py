@@ -141,6 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # DT's transformer without returns-to-go, trained on the best `bc_fraction` of the steps.
         bc_sets=(),
         bc_fraction=0.1,
+        # Training windows per band of experiments/d4rl_suite.py's `fit_probe` (what DT and %BC
+        # fit, and how far DT's actions follow its return-to-go) on sets with both; 0 = skip.
+        probe_windows=1024,
         sets=(
             "hopper-medium-replay",
             "hopper-medium-expert",
@@ -181,6 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dt_batch=8,
             dt_sets=(),
             bc_sets=(),
+            probe_windows=16,
             ablation_sets=("hopper-medium-replay",),
             episodes=2,
             at_n=2,

@@ -186,6 +186,64 @@ def select_targets(base, root: str, evals: dict) -> dict:
     return chosen
 
 
+def fit_probe(base, root: str, name: str, seed: int) -> dict:
+    """What DT and %BC learned on set `name` (seed `seed`): their action MSE on training windows
+    (`suite.probe_windows` each) from %BC's episodes ("seen"), from the next episodes by return
+    holding as many steps ("next": returns like %BC's, but %BC never saw them) and from the
+    rest; DT's mean |action change| when each window's return-to-go is shifted to start at each
+    candidate target ("shift", target -> value); and the mean |DT - %BC| action gap ("dt_bc").
+
+    If DT follows its return-to-go, a shift moves its actions about as far as the DT - %BC gap.
+    If %BC fits its own episodes far better than the "next" ones, it imitates those episodes
+    rather than a behaviour that high returns share.
+    """
+    from ringrl.agents import step
+    from ringrl.agents.dt import WindowSampler, top_episodes
+    from ringrl.agents.evaluation import restore_checkpoint
+
+    suite = base.suite
+    restored = {}
+    for agent in ("dt", "bc"):
+        run = os.path.join(root, d4rl_suite.cell(base, name, agent, 1, seed).name)
+        _, model, params, data = restore_checkpoint(run)
+        restored[agent] = (model, params, step.make_eval_step(model.model, model.mesh))
+    trajectories, k = data.trajectories, int(restored["bc"][0].config.data.context_steps)
+    seen = restored["bc"][0].sampler.drawn
+    returns = restored["bc"][0].sampler.episode_returns
+    lengths = np.diff(np.asarray(trajectories.episode_starts))
+    nxt = top_episodes(returns, lengths, min(1.0, 2 * suite.bc_fraction)) & ~seen
+    bands = {"seen": seen, "next": nxt, "rest": ~(seen | nxt)}
+
+    def predict(agent, batch):
+        model, params, eval_step = restored[agent]
+        return np.asarray(eval_step(params, model.put_batch(batch))[0])
+
+    out = {}
+    for band, episodes in bands.items():
+        if not episodes.any():  # e.g. %BC on every episode: nothing unseen
+            out[band] = None
+            continue
+        batch = WindowSampler(trajectories, context_steps=k, seed=seed, episodes=episodes).sample(
+            suite.probe_windows
+        )
+        mask = batch["mask"] > 0
+        out[band] = {
+            agent: float(((predict(agent, batch) - batch["actions"]) ** 2)[mask].mean())
+            for agent in restored
+        }
+    batch = WindowSampler(trajectories, context_steps=k, seed=seed).sample(suite.probe_windows)
+    mask = batch["mask"] > 0
+    dt = predict("dt", batch)
+    out["dt_bc"] = float(np.abs(dt - predict("bc", batch))[mask].mean())
+    out["shift"] = {}
+    rtg = batch["target_returns"]
+    for target in tuple(suite.targets) or (suite.target,):
+        value = d4rl_suite.eval_target(suite, name, "dt", target)
+        shifted = dict(batch, target_returns=((rtg - rtg[:, :1] + value) * mask).astype(np.float32))
+        out["shift"][target] = float(np.abs(predict("dt", shifted) - dt)[mask].mean())
+    return out
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -249,6 +307,11 @@ def main(argv: list[str]) -> None:
                 "dt": dt_row["dt"] if dt_row else None,
             }
         )
+    fits = {}  # what DT and %BC fit, on the sets that have both (fit_probe)
+    if suite.probe_windows:
+        for name in suite.bc_sets:
+            if name in tuple(suite.sets) + tuple(suite.dt_sets):
+                fits[name] = [fit_probe(base, root, name, s) for s in seeds]
     ablations = {}
     for name in suite.ablation_sets:
         cut = references(suite.data, family_of(name), suite.cap, suite.data_version)
@@ -325,6 +388,34 @@ def main(argv: list[str]) -> None:
                 f"| {row['set']} | {d['mean']:.1f} | {d['best10']:.1f} | {fmt(bc)} | "
                 f"{fmt(dt) if dt else '-'} | {diff} | {0.9 * bc['mean']:.1f} |"
             )
+    if fits:
+        pct = round(100 * suite.bc_fraction)
+        print(
+            f"\nWhat DT and {pct}%BC fit (mean over seeds): action MSE on {suite.probe_windows} "
+            f"training windows from {pct}%BC's episodes (seen), from the next episodes by return "
+            f"holding as many steps (next: unseen by {pct}%BC) and from the rest; DT's mean "
+            "|action change| when its windows' return-to-go is shifted to start at each target, "
+            f"against the mean |DT - {pct}%BC| action gap:"
+        )
+        print(
+            f"| set | DT seen | {pct}%BC seen | DT next | {pct}%BC next | DT rest | {pct}%BC rest "
+            f"| DT shift by target | DT - {pct}%BC |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        for name, runs in fits.items():
+
+            def mse(band, agent, runs=runs):
+                values = [r[band][agent] for r in runs if r[band] is not None]
+                return f"{np.mean(values):.4f}" if values else "-"
+
+            cols = " | ".join(
+                mse(band, agent) for band in ("seen", "next", "rest") for agent in ("dt", "bc")
+            )
+            shift = ", ".join(
+                f"{t}: {np.mean([r['shift'][t] for r in runs]):.3f}" for t in runs[0]["shift"]
+            )
+            gap = np.mean([r["dt_bc"] for r in runs])
+            print(f"| {name} | {cols} | {shift} | {gap:.3f} |")
     if chosen:
         print("\ntarget chosen on validation episodes (mean validation score of each candidate):")
         for (name, agent, n), c in chosen.items():
@@ -352,6 +443,7 @@ def main(argv: list[str]) -> None:
             {
                 "table": table,
                 "bc": bc_rows,
+                "fit": fits,
                 "ablations": ablations,
                 "suite": suite.to_dict(),
                 "devices": devices,  # of this invocation; each eval_*.json records its own

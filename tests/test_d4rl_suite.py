@@ -222,6 +222,14 @@ def test_suite_runs_percentile_bc_beside_dt(suite_run):
     bc = json.load(open(work / "bc10_hopper-medium-replay_seed0" / "eval.json"))
     assert row["bc"]["values"] == pytest.approx([runner.run_score(bc, ref)])
     assert row["dt"] == result["table"][0]["dt"]
+    # fit_probe: both agents' action MSE per band of episodes, and DT's return-to-go shifts.
+    assert "What DT and 10%BC fit" in out.stdout
+    (fit,) = result["fit"]["hopper-medium-replay"]
+    for band in ("seen", "next", "rest"):
+        assert set(fit[band]) == {"dt", "bc"}
+        assert all(np.isfinite(v) and v >= 0 for v in fit[band].values())
+    assert list(fit["shift"]) == ["high"] and fit["dt_bc"] > 0
+    assert all(np.isfinite(v) and v >= 0 for v in fit["shift"].values())
 
 
 def test_max_target_is_the_sets_best_episode(tmp_path):

@@ -44,3 +44,14 @@ def test_window_sampler_draws_only_from_the_best_episodes():
     seen = set(np.unique(batch["observations"][batch["mask"] > 0][:, 0]).astype(int).tolist())
     assert seen == {1, 3}
     assert WindowSampler(traj, context_steps=4, seed=0).drawn.all()
+    assert sampler.episode_returns.tolist() == [12.0, 24.0, 5.0, 20.0]
+    # An explicit episode mask (fit_probe's bands) wins over top_fraction.
+    chosen = WindowSampler(
+        traj, context_steps=4, seed=0, top_fraction=0.45, episodes=[True, False, True, False]
+    )
+    batch = chosen.sample(256)
+    seen = set(np.unique(batch["observations"][batch["mask"] > 0][:, 0]).astype(int).tolist())
+    assert seen == {0, 2}
+    for bad in ([False] * 4, [True] * 3):
+        with pytest.raises(ValueError, match="episodes must be a bool mask of shape"):
+            WindowSampler(traj, context_steps=4, episodes=bad)
