@@ -12,6 +12,8 @@ reused; a cell trained with other settings is refused), then:
   and last of n attempts;
 - the n-ablation on each of `suite.ablation_sets`: AT's first, last and best attempt at the cap
   against n, and its return per attempt against the data's slot k;
+- on each of `suite.bc_sets`, %BC's score beside DT's, and where the set has DT cells too, what
+  the two fit and how far DT's actions follow its return-to-go (`fit_probe`);
 - d4rl_suite.json and score_vs_context.png (one panel per ablation set) in <workdir>.
 
 With `--config.suite.targets="('high','low')"` the evaluation target of each (set, agent, n) is
