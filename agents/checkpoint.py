@@ -39,7 +39,11 @@ MATCH_GROUPS = ("model", "data")
 IGNORE_KEYS = ("data.dir",)
 # Fields added to the configs after runs were saved, with the value that reproduces what those
 # runs did: a saved config without the field matches a current one holding exactly this value.
-ADDED_KEYS = {"data.history_stride": 1, "data.top_fraction": 1.0}
+ADDED_KEYS = {
+    "data.history_stride": 1,
+    "data.top_fraction": 1.0,
+    "eval.reset_noise_scale": 0.0,
+}
 
 
 MANIFEST = "ringrl_files.json"  # per step: {relative path: [size, crc32]} of its files

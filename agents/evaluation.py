@@ -26,7 +26,7 @@ from ringrl.agents.agent import (
     make_sampler,
     policy_target,
 )
-from ringrl.agents.checkpoint import Checkpointer
+from ringrl.agents.checkpoint import ADDED_KEYS, Checkpointer
 from ringrl.agents.workdir import check_workdir
 from ringrl.envs import darkroom
 from ringrl.envs.evaluate import check_env_id, evaluate, summarize
@@ -35,8 +35,13 @@ from ringrl.ring.mesh import make_mesh
 
 
 def env_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments of `gym.make` for evaluation: the episode cap config.eval.max_steps."""
-    return {"max_episode_steps": int(config.eval.max_steps)} if config.eval.max_steps > 0 else {}
+    """Keyword arguments of `gym.make` for evaluation: the episode cap config.eval.max_steps and,
+    if > 0, the start-state noise config.eval.reset_noise_scale (MuJoCo envs only)."""
+    out = {"max_episode_steps": int(config.eval.max_steps)} if config.eval.max_steps > 0 else {}
+    noise = float(config.eval.get("reset_noise_scale", 0.0))
+    if noise > 0:
+        out["reset_noise_scale"] = noise
+    return out
 
 
 EVAL_TASKS = ("test", "valid", "heldout", "train")  # config.eval.tasks
@@ -222,6 +227,8 @@ def restore_checkpoint(
             ckpt.check_config(config, step)
         stored = ml_collections.ConfigDict(saved)
         for key, value in eval_overrides.items():
+            if key not in stored.eval and f"eval.{key}" in ADDED_KEYS:
+                stored.eval[key] = ADDED_KEYS[f"eval.{key}"]  # a run saved before the field
             if key not in stored.eval:
                 raise ValueError(f"config.eval has no field {key!r}; have {sorted(stored.eval)}")
             stored.eval[key] = value

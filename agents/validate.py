@@ -142,6 +142,11 @@ def validate(
                 f"{d.num_trajectories} needs a rolling context, which config.model.slot_embedding"
                 "=True rules out (slots past n were never trained); set it to False"
             )
+    noise = e.get("reset_noise_scale", 0.0)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        errors.append(
+            f"config.eval.reset_noise_scale={noise!r} must be a number >= 0 (0: the env's default)"
+        )
     if e.tasks not in EVAL_TASKS:
         errors.append(f"config.eval.tasks={e.tasks!r} must be one of {EVAL_TASKS}")
 

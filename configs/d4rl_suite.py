@@ -109,7 +109,8 @@ def cell(
     out.eval.every = 0  # once, at the end
     out.eval.seed = 100 + 1000 * seed  # evaluation environments differ per seed
     out.eval.num_envs = s.episodes
-    out.checkpoint_every = s.steps
+    # Four checkpoints per cell: a killed cell (45 min at 7200 steps) resumes from its last quarter.
+    out.checkpoint_every = max(1, s.steps // 4)
     out.log_every = max(1, s.steps // 20)
     out.suite = s.to_dict()
     out.lock()
@@ -141,6 +142,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # DT's transformer without returns-to-go, trained on the best `bc_fraction` of the steps.
         bc_sets=(),
         bc_fraction=0.1,
+        # Start-state noise scales (gym's reset_noise_scale; Hopper and Walker2d use 5e-3, as in
+        # the data) at which each DT and %BC cell of `bc_sets` is evaluated again on its test
+        # episodes at its chosen target: does a score rest on near-identical starts? () = skip.
+        start_noise=(),
         # Training windows per band of experiments/d4rl_suite.py's `fit_probe` (what DT and %BC
         # fit, and how far DT's actions follow its return-to-go) on sets with both; 0 = skip.
         probe_windows=1024,

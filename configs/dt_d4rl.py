@@ -138,6 +138,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         target_return=target_return(arg.env, arg.path, arg.target),
         sample=False,  # continuous actions: the tanh mean
         max_steps=0,  # cap on episode length at evaluation; 0 = the env's time limit (1000)
+        # > 0: gym.make's reset_noise_scale, the start-state noise (Hopper and Walker2d: 5e-3,
+        # HalfCheetah: 0.1, as in the data); 0 = the env's default.
+        reset_noise_scale=0.0,
         env_id="",  # Gymnasium id to act in; "" = from the dataset (metadata or name)
     )
     config.wandb = dict(mode="offline", project="ringrl")  # "offline" | "online" | "disabled"

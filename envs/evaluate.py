@@ -94,9 +94,15 @@ def make_vector_env(
         extra = {} if task is None else {"task": int(task)}
         return lambda: gym.make(env_id, **kwargs, **extra)
 
-    return gym.vector.SyncVectorEnv(
-        [factory(t) for t in tasks], autoreset_mode=gym.vector.AutoresetMode.DISABLED
-    )
+    try:
+        return gym.vector.SyncVectorEnv(
+            [factory(t) for t in tasks], autoreset_mode=gym.vector.AutoresetMode.DISABLED
+        )
+    except TypeError as e:  # e.g. reset_noise_scale for an env that has no such argument
+        raise ValueError(
+            f"{env_id} does not take the evaluation arguments {sorted(kwargs)} ({e}); drop them "
+            "(config.eval.reset_noise_scale applies to MuJoCo envs only)"
+        ) from None
 
 
 def _run_batch(

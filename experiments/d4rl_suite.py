@@ -246,6 +246,44 @@ def fit_probe(base, root: str, name: str, seed: int) -> dict:
     return out
 
 
+def start_noise(base, root: str, evals: dict, chosen: dict) -> dict:
+    """DT and %BC on every set of `suite.bc_sets` that has both, evaluated again on their test
+    episodes (same environment seeds, DT at its chosen target) with each start-state noise scale
+    of `suite.start_noise` (eval_start<scale>_<target>.json). Returns set -> rows of {"scale",
+    "dt", "bc"} (stats over seeds), the first row (scale None) the env's default noise.
+
+    An agent that replays the data's luckiest episodes from the near-identical starts the data
+    had should lose more, as the starts spread, than one that acts well from any nearby state.
+    """
+    suite = base.suite
+    out = {}
+    for name in suite.bc_sets:
+        if name not in tuple(suite.sets) + tuple(suite.dt_sets):
+            continue
+        ref = references(suite.data, family_of(name), None, suite.data_version)
+        rows = [{"scale": None}]
+        for agent in ("dt", "bc"):
+            keys = [(name, agent, 1, s) for s in suite.seeds]
+            rows[0][agent] = stats([run_score(evals[k], ref) for k in keys], lambda v: v)
+        for scale in suite.start_noise:
+            row = {"scale": float(scale)}
+            for agent in ("dt", "bc"):
+                target = chosen.get((name, agent, 1), {}).get("target", suite.target)
+                results = [
+                    eval_file(
+                        os.path.join(root, d4rl_suite.cell(base, name, agent, 1, s).name),
+                        f"start{float(scale):g}_{target}",
+                        reset_noise_scale=float(scale),
+                        target_return=d4rl_suite.eval_target(suite, name, "dt", target),
+                    )
+                    for s in suite.seeds
+                ]
+                row[agent] = stats([run_score(r, ref) for r in results], lambda v: v)
+            rows.append(row)
+        out[name] = rows
+    return out
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -309,6 +347,7 @@ def main(argv: list[str]) -> None:
                 "dt": dt_row["dt"] if dt_row else None,
             }
         )
+    start = start_noise(base, root, evals, chosen) if suite.start_noise else {}
     fits = {}  # what DT and %BC fit, on the sets that have both (fit_probe)
     if suite.probe_windows:
         for name in suite.bc_sets:
@@ -390,6 +429,20 @@ def main(argv: list[str]) -> None:
                 f"| {row['set']} | {d['mean']:.1f} | {d['best10']:.1f} | {fmt(bc)} | "
                 f"{fmt(dt) if dt else '-'} | {diff} | {0.9 * bc['mean']:.1f} |"
             )
+    if start:
+        pct = round(100 * suite.bc_fraction)
+        print(
+            f"\nDT and {pct}%BC from wider start states (gym's reset_noise_scale; the data's is "
+            "the env default), the same test episodes' seeds, whole episodes:"
+        )
+        print(f"| set | start noise | DT | {pct}%BC | DT - {pct}%BC |")
+        print("|---|---:|---:|---:|---:|")
+        for name, rows in start.items():
+            for row in rows:
+                dt, bc = row["dt"], row["bc"]
+                scale = "default" if row["scale"] is None else f"{row['scale']:g}"
+                diff = f"{dt['mean'] - bc['mean']:+.1f} ± {np.hypot(dt['se'], bc['se']):.1f}"
+                print(f"| {name} | {scale} | {fmt(dt)} | {fmt(bc)} | {diff} |")
     if fits:
         pct = round(100 * suite.bc_fraction)
         print(
@@ -446,6 +499,7 @@ def main(argv: list[str]) -> None:
                 "table": table,
                 "bc": bc_rows,
                 "fit": fits,
+                "start_noise": start,
                 "ablations": ablations,
                 "suite": suite.to_dict(),
                 "devices": devices,  # of this invocation; each eval_*.json records its own

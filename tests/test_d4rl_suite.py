@@ -38,6 +38,7 @@ def test_cells_share_schedule_and_data_per_step():
     assert dt.data.path == "data/walker2d-medium-expert-ringrl-v0.hdf5"
     assert dt.data.context_steps == 20 and dt.eval.max_steps == 0  # whole episodes
     assert dt.eval.target_return == 5000.0
+    assert dt.checkpoint_every * 4 == dt.num_steps  # a killed cell resumes from its last quarter
     for n in s.ablation_ns:
         at = d4rl_suite.cell(base, "hopper-medium-replay", "at", n, 1)
         # About equal tokens per train step (AT: 1 per step; DT: 3), schedule and backbone.
@@ -211,7 +212,13 @@ def test_suite_runs_percentile_bc_beside_dt(suite_run):
     """suite.bc_sets: %BC cells beside DT's, reported in their own table with DT's score."""
     data, work, proc = suite_run
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = _suite(data, work, *DT_ONLY, "--config.suite.bc_sets=('hopper-medium-replay',)")
+    out = _suite(
+        data,
+        work,
+        *DT_ONLY,
+        "--config.suite.bc_sets=('hopper-medium-replay',)",
+        "--config.suite.start_noise=(0.1,)",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     trained = [line for line in out.stdout.splitlines() if line.startswith("== ")]
     assert len(trained) == 1 and "bc10_hopper-medium-replay_seed0" in trained[0]  # DT's reused
@@ -230,6 +237,17 @@ def test_suite_runs_percentile_bc_beside_dt(suite_run):
         assert all(np.isfinite(v) and v >= 0 for v in fit[band].values())
     assert list(fit["shift"]) == ["high"] and fit["dt_bc"] > 0
     assert all(np.isfinite(v) and v >= 0 for v in fit["shift"].values())
+    # start_noise: both agents again from wider starts, beside their default-noise scores.
+    assert "from wider start states" in out.stdout
+    default, wide = result["start_noise"]["hopper-medium-replay"]
+    assert default["scale"] is None and default["bc"] == row["bc"]
+    assert default["dt"]["values"] == result["table"][0]["dt"]["values"]
+    assert wide["scale"] == 0.1
+    for agent in ("dt", "bc"):
+        run = work / f"{agent}{'10' if agent == 'bc' else ''}_hopper-medium-replay_seed0"
+        again = json.load(open(run / "eval_start0.1_high.json"))
+        assert wide[agent]["values"] == pytest.approx([runner.run_score(again, ref)])
+        assert again["returns"] != json.load(open(run / "eval.json"))["returns"]  # other starts
 
 
 def test_max_target_is_the_sets_best_episode(tmp_path):

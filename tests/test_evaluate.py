@@ -72,6 +72,30 @@ def test_variable_length_episodes_and_seeding():
     np.testing.assert_allclose(ref["normalized_return_mean"], returns.mean(0) / 5)
 
 
+def test_start_noise_reaches_mujoco_and_is_refused_elsewhere():
+    """config.eval.reset_noise_scale becomes gym.make's argument (MuJoCo); other envs refuse it
+    in one line."""
+    import ml_collections
+
+    from ringrl.agents.evaluation import env_kwargs
+    from ringrl.envs.evaluate import make_vector_env
+
+    config = ml_collections.ConfigDict({"eval": {"max_steps": 0, "reset_noise_scale": 0.0}})
+    assert env_kwargs(config) == {}
+    config.eval.reset_noise_scale = 0.05
+    assert env_kwargs(config) == {"reset_noise_scale": 0.05}
+    starts = {}
+    for scale in (0.0, 0.05):
+        config.eval.reset_noise_scale = scale
+        vec = make_vector_env("Hopper-v5", [None] * 8, env_kwargs(config))
+        obs, _ = vec.reset(seed=0)
+        starts[scale] = np.abs(obs[:, 1:] - obs[:, 1:].mean(0)).max()  # spread across envs
+        vec.close()
+    assert starts[0.0] < 0.02 < starts[0.05]  # Hopper's default noise is 5e-3
+    with pytest.raises(ValueError, match=r"ringrl/DarkRoom-v0 does not take the evaluation"):
+        make_vector_env("ringrl/DarkRoom-v0", [0], env_kwargs(config))
+
+
 def test_unknown_env_id_names_the_problem():
     with pytest.raises(ValueError, match=r"unknown environment id 'ringrl/DarkRom-v0'; did you"):
         evaluate(RandomPolicy(None), "ringrl/DarkRom-v0", num_envs=1)

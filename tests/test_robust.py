@@ -122,6 +122,8 @@ def test_validate_mesh_divisibility():
 def test_dt_context_steps_message():
     (err,) = _errors(dt_d4rl.get_config("smoke"), data__context_steps=0)
     assert err == "config.data.context_steps=0 must be an integer >= 1 (the DT window K)"
+    (err,) = _errors(dt_d4rl.get_config("smoke"), eval__reset_noise_scale=-0.1)
+    assert err == "config.eval.reset_noise_scale=-0.1 must be a number >= 0 (0: the env's default)"
 
 
 def test_smoke_keeps_an_explicit_n():
