@@ -83,6 +83,18 @@ def check_env_id(env_id: str) -> None:
     raise ValueError(f"unknown environment id {env_id!r}; {hint}")
 
 
+def default_reset_noise(env_id: str) -> float | None:
+    """The start-state noise scale `env_id` uses when gym.make gets no reset_noise_scale (MuJoCo
+    envs: Hopper and Walker2d 5e-3, HalfCheetah 0.1); None for envs without one."""
+    check_env_id(env_id)
+    env = gym.make(env_id)
+    try:
+        scale = getattr(env.unwrapped, "_reset_noise_scale", None)
+    finally:
+        env.close()
+    return None if scale is None else float(scale)
+
+
 def make_vector_env(
     env_id: str, tasks: Sequence[int | None], env_kwargs: dict[str, Any] | None = None
 ) -> gym.vector.SyncVectorEnv:

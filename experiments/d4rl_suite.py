@@ -250,7 +250,8 @@ def start_noise(base, root: str, evals: dict, chosen: dict) -> dict:
     """DT and %BC on every set of `suite.bc_sets` that has both, evaluated again on their test
     episodes (same environment seeds, DT at its chosen target) with each start-state noise scale
     of `suite.start_noise` (eval_start<scale>_<target>.json). Returns set -> rows of {"scale",
-    "dt", "bc"} (stats over seeds), the first row (scale None) the env's default noise.
+    "default", "dt", "bc"} (stats over seeds), the first row the test episodes at the env's
+    default noise (the data's).
 
     An agent that replays the data's luckiest episodes from the near-identical starts the data
     had should lose more, as the starts spread, than one that acts well from any nearby state.
@@ -260,13 +261,16 @@ def start_noise(base, root: str, evals: dict, chosen: dict) -> dict:
     for name in suite.bc_sets:
         if name not in tuple(suite.sets) + tuple(suite.dt_sets):
             continue
+        from ringrl.envs.evaluate import default_reset_noise
+
         ref = references(suite.data, family_of(name), None, suite.data_version)
-        rows = [{"scale": None}]
+        env_id = evals[(name, "dt", 1, suite.seeds[0])]["env_id"]
+        rows = [{"scale": default_reset_noise(env_id), "default": True}]
         for agent in ("dt", "bc"):
             keys = [(name, agent, 1, s) for s in suite.seeds]
             rows[0][agent] = stats([run_score(evals[k], ref) for k in keys], lambda v: v)
         for scale in suite.start_noise:
-            row = {"scale": float(scale)}
+            row = {"scale": float(scale), "default": False}
             for agent in ("dt", "bc"):
                 target = chosen.get((name, agent, 1), {}).get("target", suite.target)
                 results = [
@@ -440,7 +444,7 @@ def main(argv: list[str]) -> None:
         for name, rows in start.items():
             for row in rows:
                 dt, bc = row["dt"], row["bc"]
-                scale = "default" if row["scale"] is None else f"{row['scale']:g}"
+                scale = f"{row['scale']:g}" + (" (default)" if row["default"] else "")
                 diff = f"{dt['mean'] - bc['mean']:+.1f} ± {np.hypot(dt['se'], bc['se']):.1f}"
                 print(f"| {name} | {scale} | {fmt(dt)} | {fmt(bc)} | {diff} |")
     if fits:
@@ -508,6 +512,13 @@ def main(argv: list[str]) -> None:
             indent=1,
         )
     os.replace(tmp, os.path.join(root, "d4rl_suite.json"))
+    if start:
+        png = plots.score_vs_start_noise(
+            start,
+            os.path.join(root, "score_vs_start_noise.png"),
+            agent_label=f"{round(100 * suite.bc_fraction)}%BC",
+        )
+        print(f"wrote {png}")
     if not ablations:  # e.g. only DT sets (--config.suite.ablation_sets='()'): nothing to plot
         print(f"wrote {os.path.join(root, 'd4rl_suite.json')} (no ablation sets: no plot)")
         return

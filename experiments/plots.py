@@ -201,6 +201,46 @@ def score_vs_context_panels(
     return _save(fig, path)
 
 
+def score_vs_start_noise(
+    panels: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | os.PathLike,
+    *,
+    agent_label: str = "10%BC",
+) -> str:
+    """One panel per dataset: DT's and %BC's normalised score (mean ± standard error over seeds,
+    as bands) against the evaluation's start-state noise scale (log axis), the env's default
+    (the data's) marked.
+
+    Args:
+      panels: dataset name -> rows of {"scale", "default", "dt": {"mean", "se"}, "bc": ...}
+        (experiments/d4rl_suite.py's `start_noise`).
+      path: PNG file to write.
+      agent_label: the %BC agent's name in the legend.
+
+    Returns:
+      The written path.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels.items()):
+        rows = sorted(rows, key=lambda r: r["scale"])
+        x = np.array([r["scale"] for r in rows])
+        for i, (key, label) in enumerate((("dt", "DT (K = 20)"), ("bc", agent_label))):
+            mean = np.array([r[key]["mean"] for r in rows])
+            se = np.array([r[key]["se"] for r in rows])
+            ax.plot(x, mean, marker="os"[i], color=f"C{i}", label=label)
+            ax.fill_between(x, mean - se, mean + se, color=f"C{i}", alpha=0.2)
+        for r in rows:
+            if r.get("default"):
+                ax.axvline(r["scale"], ls=":", c="0.4", label="env default (the data's)")
+        ax.set_xscale("log")
+        ax.set_xlabel("start-state noise (reset_noise_scale)")
+        ax.set_ylabel("normalised score (mean ± s.e.)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Plot the return per attempt of several `eval*.json` files together (LABEL=PATH each)."""
     import argparse

@@ -240,9 +240,11 @@ def test_suite_runs_percentile_bc_beside_dt(suite_run):
     # start_noise: both agents again from wider starts, beside their default-noise scores.
     assert "from wider start states" in out.stdout
     default, wide = result["start_noise"]["hopper-medium-replay"]
-    assert default["scale"] is None and default["bc"] == row["bc"]
+    assert default["default"] and default["scale"] == 5e-3  # Hopper's own, the data's
+    assert default["bc"] == row["bc"]
     assert default["dt"]["values"] == result["table"][0]["dt"]["values"]
-    assert wide["scale"] == 0.1
+    assert wide["scale"] == 0.1 and not wide["default"]
+    assert (work / "score_vs_start_noise.png").stat().st_size > 0
     for agent in ("dt", "bc"):
         run = work / f"{agent}{'10' if agent == 'bc' else ''}_hopper-medium-replay_seed0"
         again = json.load(open(run / "eval_start0.1_high.json"))
