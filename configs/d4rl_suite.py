@@ -3,6 +3,8 @@ results table at the scale this machine runs (issue 15).
 
   ringrl-collect mujoco --env Hopper-v5 --steps 200000 --dataset-steps 200000 --out data
   ringrl-collect mujoco --env Walker2d-v5 --steps 200000 --dataset-steps 200000 --out data
+  ringrl-collect mujoco --env HalfCheetah-v5 --steps 200000 --dataset-steps 200000 --out data \
+      --version 1                              # read with suite.data_version=1
   ringrl-d4rl                                  # every cell below, then the table and the plot
   ringrl-train --config configs/d4rl_suite.py:set=hopper-medium-replay,agent=at,n=4,seed=1
 
